@@ -1,0 +1,132 @@
+"""Adapter files, PEFT-style: `adapter_config.json` beside `adapter_model.safetensors`.
+
+Only the adapters and the head are saved (a few MB); the frozen backbone comes from its own
+weights when loading. Loading refuses a model whose architecture differs from the saved one and
+names the fields that differ.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from ..config import from_dict, to_dict
+from .config import ModelConfig
+from .task_model import AVPEAModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "avpea-adapter/1"
+
+
+class AdapterMismatchError(ValueError):
+    """Saved adapters do not fit the model they are loaded into."""
+
+
+def adapter_config(model: AVPEAModel) -> dict[str, Any]:
+    """What `adapter_config.json` holds for `model`."""
+    return {
+        "format": FORMAT,
+        "task": model.task,
+        "model": to_dict(model.config),
+        "head": model.head_kwargs,
+        "trainable_parameters": sum(p.numel() for _, p in model.trainable_named_parameters()),
+    }
+
+
+def save_adapters(model: AVPEAModel, directory: str | Path,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapters + head of `model` into `directory` (created if needed).
+
+    Each file is written to a temporary name and renamed, so a crash leaves the previous files
+    whole.
+
+    Args:
+        model: the model to save.
+        directory: where `adapter_config.json` and `adapter_model.safetensors` go.
+        extra: more JSON-able metadata for the config file (e.g. the metric it was chosen on).
+
+    Returns:
+        The directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(model) | ({"extra": extra} if extra else {})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    _atomic(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
+    _atomic(directory / CONFIG_NAME,
+            lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The saved `adapter_config.json`, checked for its format."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}: not an adapter directory")
+    config = json.loads(path.read_text())
+    if config.get("format") != FORMAT:
+        raise AdapterMismatchError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load_adapters(model: AVPEAModel, directory: str | Path) -> AVPEAModel:
+    """Load saved adapters + head into `model`, refusing a mismatched architecture.
+
+    Raises:
+        AdapterMismatchError: the task, an architecture field of the model config, a head
+            argument, or the tensors' names/shapes differ; the message names each difference.
+    """
+    saved = read_adapter_config(directory)
+    saved_model = from_dict(ModelConfig, saved["model"])
+    differences = [f"task: saved {saved['task']!r}, model {model.task!r}"] if saved["task"] != model.task else []
+    for name, value in saved_model.architecture().items():
+        current = getattr(model.config, name)
+        if current != value:
+            differences.append(f"model.{name}: saved {value!r}, model {current!r}")
+    for name in sorted(set(saved["head"]) | set(model.head_kwargs)):
+        if saved["head"].get(name) != model.head_kwargs.get(name):
+            differences.append(f"head.{name}: saved {saved['head'].get(name)!r}, "
+                               f"model {model.head_kwargs.get(name)!r}")
+    if differences:
+        raise AdapterMismatchError(f"adapters in {str(directory)!r} do not fit this model: "
+                                   + "; ".join(differences))
+
+    tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
+    expected = model.trainable_state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong_shape = [k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise AdapterMismatchError(
+            f"adapter weights in {str(directory)!r} do not fit: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}, wrong shape {sorted(wrong_shape)[:4]}")
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def load_model(directory: str | Path, weights: str | None = None) -> AVPEAModel:
+    """Build the model a saved adapter directory describes and load its adapters.
+
+    Args:
+        directory: the adapter directory.
+        weights: the frozen backbone's weights ("timm", "random" or a file); default: as saved.
+    """
+    saved = read_adapter_config(directory)
+    config_data = dict(saved["model"]) | ({"weights": weights} if weights is not None else {})
+    model = AVPEAModel(from_dict(ModelConfig, config_data), saved["task"], saved["head"])
+    return load_adapters(model, directory)
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,163 @@
+"""DualStreamViT: one frozen timm ViT shared by a visual and an audio stream, with AV-PEA.
+
+The two streams advance block by block in lockstep. In block l each stream computes
+
+    Y = X + MSA(X) + B(X, X_other)        (eqs 3-4; B from the block inputs of both streams)
+    X' = Y + FFN(Y)
+
+with the frozen block's own norms, layer scales and drop paths. Audio spectrograms (time x mel)
+go through the ViT's own patch embedding (the one input channel stands for the three RGB
+channels the convolution expects) with the positional embedding resized to their patch grid.
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from .adapter import AVPEA, check_reduction_factor
+from .backbone import create_backbone, frame_normalization
+
+ADAPTER_PLACEMENTS = ("both", "audio", "visual", "none")  # the paper's Table 4
+
+
+class DualStreamViT(nn.Module):
+    """The AV-PEA trunk: frozen shared ViT + one adapter per block per stream.
+
+    Args:
+        backbone: a timm ViT module, or a timm model name (created with `weights`).
+        reduction_factor: the adapters' bottleneck reduction r (D / r must be whole).
+        adapters: "both", "audio", "visual" or "none": which streams carry adapters.
+        cross_attention: False turns the adapters' CLS cross-attention off.
+        gating: "learned" (paper) or "open" (gates fixed at 1).
+        weights: with a model name, "random", "timm" or a local file (see `create_backbone`).
+        **backbone_kwargs: with a model name, passed to `timm.create_model`.
+
+    Attributes:
+        adapters_visual, adapters_audio: `nn.ModuleList` of AVPEA, one per block (empty when a
+            stream carries none). Everything trainable in the trunk lives under these two names.
+    """
+
+    adapter_prefixes = ("adapters_visual.", "adapters_audio.")
+
+    def __init__(self, backbone: nn.Module | str, reduction_factor: int = 8, *,
+                 adapters: str = "both", cross_attention: bool = True,
+                 gating: str = "learned", weights: str = "random", **backbone_kwargs):
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone = create_backbone(backbone, weights=weights, **backbone_kwargs)
+        _check_supported(backbone)
+        if adapters not in ADAPTER_PLACEMENTS:
+            raise ValueError(f"adapters must be one of {ADAPTER_PLACEMENTS}, got {adapters!r}")
+        dim = backbone.embed_dim
+        check_reduction_factor(dim, reduction_factor)
+
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.dim = dim
+        self.depth = len(backbone.blocks)
+        self.adapter_placement = adapters
+
+        def make_adapters(enabled: bool) -> nn.ModuleList:
+            return nn.ModuleList(
+                AVPEA(dim, reduction_factor, cross_attention=cross_attention, gating=gating)
+                for _ in range(self.depth if enabled else 0))
+
+        self.adapters_visual = make_adapters(adapters in ("both", "visual"))
+        self.adapters_audio = make_adapters(adapters in ("both", "audio"))
+        mean, std = frame_normalization(backbone)
+        self.register_buffer("frame_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("frame_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    # -- what the trunk owns -------------------------------------------------------------
+    def adapter_named_parameters(self):
+        """(name, parameter) of every adapter parameter, names relative to this module."""
+        return [(n, p) for n, p in self.named_parameters() if n.startswith(self.adapter_prefixes)]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter parameters and buffers (BatchNorm statistics), nothing of the backbone."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.adapter_prefixes)}
+
+    def train(self, mode: bool = True) -> "DualStreamViT":
+        """Train the adapters; the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # -- inputs --------------------------------------------------------------------------
+    def normalize_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB frames `(B, 3, H, W)` in [0, 255] -> float, normalised as the backbone's
+        pretrained config says."""
+        return (frames.float() / 255.0 - self.frame_mean) / self.frame_std
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch-embed `(B, 3, H, W)` images and add the positional embedding resized to their
+        grid (the identity at the backbone's own image size)."""
+        bb = self.backbone
+        x = bb.patch_embed.proj(images)  # no size assertion: spectrograms are not square
+        grid = x.shape[-2:]
+        x = bb.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        prefix = 0 if bb.no_embed_class else bb.num_prefix_tokens
+        pos_embed = resample_abs_pos_embed(bb.pos_embed, new_size=list(grid),
+                                           old_size=bb.patch_embed.grid_size,
+                                           num_prefix_tokens=prefix)
+        cls = bb.cls_token.expand(x.shape[0], -1, -1)
+        if bb.no_embed_class:
+            x = torch.cat((cls, x + pos_embed), dim=1)
+        else:
+            x = torch.cat((cls, x), dim=1) + pos_embed
+        return bb.norm_pre(bb.patch_drop(bb.pos_drop(x)))
+
+    def embed_visual(self, frames: torch.Tensor) -> torch.Tensor:
+        """Normalised frames `(B, 3, H, W)` -> tokens `(B, N+1, D)`."""
+        return self._embed(frames)
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """Spectrograms `(B, 1, time, mel)` -> tokens `(B, M+1, D)`."""
+        in_chans = self.backbone.patch_embed.proj.in_channels
+        return self._embed(audio.expand(-1, in_chans, -1, -1))
+
+    # -- forward -------------------------------------------------------------------------
+    def forward_features(self, frames: torch.Tensor,
+                         audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run both streams through the frozen blocks with their adapters.
+
+        Args:
+            frames: normalised frames `(B, 3, H, W)`.
+            audio: normalised spectrograms `(B, 1, time, mel)`, one per frame.
+
+        Returns:
+            `(visual_tokens (B, N+1, D), audio_tokens (B, M+1, D))`, after the final norm,
+            as timm's `forward_features` returns them.
+        """
+        if frames.shape[0] != audio.shape[0]:
+            raise ValueError(f"frames and audio must pair one to one: got {frames.shape[0]} "
+                             f"frames and {audio.shape[0]} audio windows")
+        visual, sound = self.embed_visual(frames), self.embed_audio(audio)
+        for i, block in enumerate(self.backbone.blocks):
+            visual_adapter = self.adapters_visual[i](visual, sound) if self.adapters_visual else None
+            audio_adapter = self.adapters_audio[i](sound, visual) if self.adapters_audio else None
+            visual = _block_with_adapter(block, visual, visual_adapter)
+            sound = _block_with_adapter(block, sound, audio_adapter)
+        return self.backbone.norm(visual), self.backbone.norm(sound)
+
+
+def _block_with_adapter(block: nn.Module, x: torch.Tensor,
+                        adapter_out: torch.Tensor | None) -> torch.Tensor:
+    """timm `Block.forward` with the adapter output added beside attention (eq 3)."""
+    y = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    if adapter_out is not None:
+        y = y + adapter_out
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+
+
+def _check_supported(backbone: nn.Module) -> None:
+    needed = ("patch_embed", "pos_embed", "cls_token", "blocks", "norm", "embed_dim")
+    missing = [a for a in needed if getattr(backbone, a, None) is None]
+    if missing:
+        raise ValueError(f"backbone {type(backbone).__name__} is not a timm VisionTransformer "
+                         f"with a CLS token (missing {missing}); AV-PEA queries with the CLS token")
+    block_parts = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+    for block in backbone.blocks:
+        if not all(hasattr(block, a) for a in block_parts):
+            raise ValueError(f"unsupported block type {type(block).__name__}: AV-PEA needs "
+                             f"timm's pre-norm Block ({', '.join(block_parts)})")

@@ -1,0 +1,61 @@
+"""Parameter report: adapter, head, frozen-backbone and trainable counts, and PEFT's line."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .task_model import AVPEAModel
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    adapter: int
+    head: int
+    backbone: int
+    num_adapters: int
+
+    @property
+    def trainable(self) -> int:
+        return self.adapter + self.head
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.backbone
+
+
+def count_parameters(model: AVPEAModel) -> ParameterCounts:
+    """Count a model's parameters by owner (BatchNorm running statistics are buffers, not
+    parameters, as in the paper's counts)."""
+    adapter = sum(p.numel() for _, p in model.trunk.adapter_named_parameters() if p.requires_grad)
+    head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
+    backbone = sum(p.numel() for p in model.trunk.backbone.parameters())
+    num_adapters = len(model.trunk.adapters_visual) + len(model.trunk.adapters_audio)
+    return ParameterCounts(adapter, head, backbone, num_adapters)
+
+
+def build_without_weights(config: ModelConfig, task: str, head_kwargs: dict) -> AVPEAModel:
+    """The model on the meta device: shapes only, no memory, no weights, no download."""
+    config = ModelConfig(**{**config.__dict__, "weights": "random"})
+    with torch.device("meta"):
+        return AVPEAModel(config, task, head_kwargs)
+
+
+def format_report(model: AVPEAModel, counts: ParameterCounts) -> str:
+    """The lines `python -m avpea_ray params` prints."""
+    cfg = model.config
+    per_adapter = counts.adapter // counts.num_adapters if counts.num_adapters else 0
+    return "\n".join([
+        f"model: {cfg.backbone} (depth {model.trunk.depth}, width {model.trunk.dim}), "
+        f"AV-PEA r={cfg.reduction_factor}, adapters={cfg.adapters}, "
+        f"cross-attention {'on' if cfg.cross_attention else 'off'}, gating={cfg.gating}, "
+        f"task={model.task}",
+        f"adapter params: {counts.adapter:,} ({counts.adapter / 1e6:.1f}M; "
+        f"{counts.num_adapters} adapters x {per_adapter:,})",
+        f"head params ({model.task}): {counts.head:,} ({counts.head / 1e6:.1f}M)",
+        f"frozen backbone params: {counts.backbone:,} ({counts.backbone / 1e6:.1f}M)",
+        f"trainable (adapters + head): {counts.trainable:,}",
+        f"trainable params: {counts.trainable:,} || all params: {counts.total:,} || "
+        f"trainable%: {100 * counts.trainable / counts.total:.4f}",
+    ])

@@ -1,0 +1,41 @@
+"""Tiny models for tests: depth-2, width-64 ViTs at 32 px with random weights."""
+from __future__ import annotations
+
+import timm
+import torch
+
+from avpea_ray.model import AVPEAModel, ModelConfig
+from avpea_ray.model.audio import AudioConfig
+
+TINY_VIT = "vit_base_patch16_224"
+TINY_KWARGS = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32}
+TINY_AUDIO = AudioConfig(window_seconds=0.5, target_frames=48, num_mel_bins=32)
+
+
+def tiny_backbone(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random tiny timm ViT (no classifier), deterministic for `seed`."""
+    torch.manual_seed(seed)
+    return timm.create_model(TINY_VIT, pretrained=False, num_classes=0, **(TINY_KWARGS | overrides))
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """ModelConfig of the tiny ViT (random weights), with field overrides."""
+    fields = dict(backbone=TINY_VIT, weights="random", backbone_kwargs=dict(TINY_KWARGS),
+                  image_size=32, num_frames=2, audio=TINY_AUDIO)
+    return ModelConfig(**(fields | overrides))
+
+
+def tiny_model(task: str = "avqa", seed: int = 0, **overrides) -> AVPEAModel:
+    """A tiny AVPEAModel with a small head."""
+    head = {"vocab_size": 20, "num_answers": 5, "hidden": 32} if task == "avqa" else \
+        {"num_classes": 4, "hidden": 32}
+    torch.manual_seed(seed)
+    return AVPEAModel(tiny_config(**overrides), task, head, backbone=tiny_backbone(seed))
+
+
+def clip_batch(batch: int = 2, steps: int = 2, seed: int = 1):
+    """Random uint8 frames `(B, T, 3, 32, 32)` and spectrograms `(B, T, 1, 48, 32)`."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (batch, steps, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    fbank = torch.randn(batch, steps, 1, 48, 32, generator=gen)
+    return frames, fbank
