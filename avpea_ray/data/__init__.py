@@ -1,0 +1,1 @@
+"""Data plane: shard format, object storage, and the exact-epoch streaming reader."""

@@ -1,0 +1,680 @@
+"""Exact-epoch streaming reader: tar shards -> batches on every Ray Train rank.
+
+Guarantees (docs/data_format.md, "The reader's contract"):
+
+- Evaluation (`training=False`) yields every sample of the split exactly once across all
+  ranks and DataLoader workers: no drops, no padding duplicates (ranks may get unequal
+  counts, differing by at most one sample per slot).
+- Training: every rank runs the same number of steps per epoch. Each sample is seen at
+  most once per epoch; the only samples left out are the truncation remainders
+  (`dropped_per_epoch`), fewer than `slots * batch_size` with `drop_last=True` (fewer than
+  `slots` with `drop_last=False`), where `slots = world_size * max(num_workers, 1)`. Which
+  ones are dropped changes from epoch to epoch with the shard order.
+- The order is a function of (seed, epoch, world_size, num_workers, batch_size,
+  shuffle_buffer, drop_last) only.
+- Mid-epoch resume: `state_dict()` records (epoch, batches consumed); loading it and
+  iterating yields exactly the batches not yet consumed in that epoch, in the order the
+  uninterrupted epoch would have had. The state is the same on every rank in training,
+  so rank 0's checkpoint resumes all ranks. Other settings are refused with a message.
+- A truncated, corrupt or missing shard is logged by name, counted in `stats` and skipped
+  (the rest of it); in training its lost samples are replaced by reading on past the
+  slot's range, so steps stay equal across ranks. Transient object-store errors are
+  retried by reopening the shard and fast-forwarding to the sample where it broke off.
+
+Design. Per epoch the shard order is a seeded permutation (training) or the index order
+(evaluation); concatenated, the shards form a virtual sequence of N sample positions.
+There are `slots = world_size * W` readers (slot = rank * W + loader worker id), and each
+slot owns a contiguous range of positions, so it opens only the shards that overlap it
+(fewer shards than slots is fine: slots share a shard and skip to their part). Training
+cuts every slot to the same count q = N // slots, then to whole batches. A slot shuffles
+its RAW samples (bytes) in a bounded buffer seeded by (seed, epoch, slot) and decodes
+after, so memory holds compressed samples only. Each worker forms whole batches itself
+(the DataLoader runs with batch_size=None) and PyTorch hands out worker batches
+round-robin in worker order, so after k consumed batches worker w has produced a known
+number of them; on resume each slot regenerates its deterministic raw stream, skips that
+many samples without decoding them, and continues. Because the DataLoader always starts a
+pass with worker 0, the resumed pass rotates the workers' roles by k % W so that the
+batches keep their uninterrupted order (checked batch by batch in training). The epoch
+and resume point reach persistent workers through a shared-memory tensor.
+
+Known limit: resume skips raw samples without decoding them, so if a sample with intact
+tar members fails to *decode* (corrupt JPEG/npy bytes) before the resume point, that
+slot's resumed stream is shifted by one sample per such failure (counted in
+`stats["decode_errors"]`). Truncated or missing shards are detected without decoding and
+do not shift anything. Eval resume assumes the nominal per-worker batch counts (exact
+when no shard of the split is damaged).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from avpea_ray.data import shards, storage
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+TAR_READ_BYTES = 1 << 20
+# Counters each worker reports (as deltas) with its batches; summed in `ShardStream.stats`.
+COUNTERS = ("raw_read", "decoded", "samples_lost", "decode_errors", "incomplete_samples",
+            "refilled", "retries", "skipped_for_resume")
+
+
+# --- the plan: pure functions of the index and the settings ------------------------------
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which positions of the epoch's virtual sample sequence each slot reads.
+
+    Args:
+        shard_order: indices into the index's shard list, in this epoch's order.
+        shard_starts: position of each ordered shard's first sample (len = shards + 1).
+        ranges: per slot, the [start, stop) positions it reads.
+        take: per slot, how many samples it yields (training: equal for all slots).
+        batches: per slot, how many batches it yields.
+    """
+
+    shard_order: tuple[int, ...]
+    shard_starts: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+    take: tuple[int, ...]
+    batches: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return self.shard_starts[-1]
+
+
+def plan_epoch(shard_samples: list[int], *, slots: int, batch_size: int, training: bool,
+               seed: int, epoch: int, drop_last: bool = True) -> EpochPlan:
+    """Lay out one epoch.
+
+    Args:
+        shard_samples: samples per shard, in index order.
+        slots: world_size * loader workers.
+        batch_size: samples per batch.
+        training: permute shards and equalise slots (True) or read everything once (False).
+        seed, epoch: the permutation's seed.
+        drop_last: training only; cut each slot to whole batches (True) or keep a last
+            partial batch of the same size on every slot (False).
+
+    Returns:
+        The plan. Raises ValueError when training would give a slot no batch at all.
+    """
+    order = list(range(len(shard_samples)))
+    if training:
+        random.Random(f"avpea-order/{seed}/{epoch}").shuffle(order)
+    starts = [0]
+    for i in order:
+        starts.append(starts[-1] + shard_samples[i])
+    total = starts[-1]
+    if training:
+        q = total // slots
+        take = (q // batch_size) * batch_size if drop_last else q
+        if take == 0:
+            raise ValueError(
+                f"{total} samples cannot give every one of {slots} reader slots (ranks x "
+                f"loader workers) a batch of {batch_size}; lower batch_size or num_workers")
+        ranges = [(s * q, (s + 1) * q) for s in range(slots)]
+        takes = [take] * slots
+    else:
+        # Balanced contiguous split: slot sizes differ by at most one.
+        ranges = [(s * total // slots, (s + 1) * total // slots) for s in range(slots)]
+        takes = [stop - start for start, stop in ranges]
+    batches = [-(-t // batch_size) for t in takes]
+    return EpochPlan(tuple(order), tuple(starts), tuple(ranges), tuple(takes), tuple(batches))
+
+
+def batches_done_per_worker(consumed: int, batches_per_worker: list[int]) -> list[int]:
+    """How many batches each DataLoader worker had produced when `consumed` were handed out.
+
+    PyTorch's DataLoader (in_order=True) takes batches from its workers in turn, 0, 1, ...,
+    skipping workers that are exhausted; so the consumed batches are the first `consumed`
+    of the sequence ordered by (batch number within worker, worker id).
+
+    Args:
+        consumed: batches the training loop received.
+        batches_per_worker: batches each worker yields in the epoch.
+
+    Returns:
+        Per worker, its batches among the consumed ones.
+    """
+    done = [0] * len(batches_per_worker)
+    left = consumed
+    for j in range(max(batches_per_worker, default=0)):
+        for w, n in enumerate(batches_per_worker):
+            if left == 0:
+                return done
+            if j < n:
+                done[w] += 1
+                left -= 1
+    if left:
+        raise ValueError(f"{consumed} batches consumed but the epoch has only "
+                         f"{sum(batches_per_worker)}")
+    return done
+
+
+def ray_train_rank_and_world() -> tuple[int, int]:
+    """(world rank, world size) inside a Ray Train worker, else (0, 1).
+
+    Ray is only consulted when it is already imported (a Ray Train worker always has it),
+    so plain scripts and tests do not pay for importing Ray.
+    """
+    if "ray" not in sys.modules:
+        return 0, 1
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return int(ctx.get_world_rank()), int(ctx.get_world_size())
+    except Exception:  # noqa: BLE001 - outside a Train worker get_context raises
+        return 0, 1
+
+
+# --- reading a slot's samples (runs in the loader workers) -------------------------------
+
+def shuffled(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Bounded-buffer shuffle: hold at most `size` items, emit a random one per new item.
+
+    Args:
+        items: the stream.
+        size: buffer capacity (<= 1 passes the stream through).
+        rng: the deterministic generator.
+
+    Yields:
+        The items, locally shuffled.
+    """
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _stack(tensors: list[torch.Tensor], shared: bool) -> torch.Tensor:
+    """torch.stack, into shared memory when `shared` (saves the copy PyTorch would make
+    when it sends the batch from a loader worker to the training process)."""
+    if not shared:
+        return torch.stack(tensors)
+    out = torch.empty((len(tensors),) + tuple(tensors[0].shape), dtype=tensors[0].dtype)
+    return torch.stack(tensors, out=out.share_memory_())
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack decoded samples into a batch.
+
+    Args:
+        samples: `shards.decode_sample` outputs of equal shapes.
+
+    Returns:
+        `{"frames": uint8 (B, T, 3, H, W), "fbank": float32 (B, T, 1, F, M),
+        "meta": [dict] * B, "key": [str] * B}`; frames stay uint8 (the model normalises).
+    """
+    shared = get_worker_info() is not None
+    return {
+        "frames": _stack([s["frames"] for s in samples], shared),
+        "fbank": _stack([s["fbank"] for s in samples], shared),
+        "meta": [s["meta"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+class _Corrupt(Exception):
+    """A shard cannot be read further (its name and the reason are in the message)."""
+
+
+class _SlotReader:
+    """Reads one slot's positions of an epoch, tracking what went wrong.
+
+    Args:
+        urls: absolute shard URLs in index order.
+        counts: declared samples per shard (index order).
+        num_frames: frames every sample must have.
+        open_shard: opens a URL for binary reading.
+    """
+
+    def __init__(self, urls: list[str], counts: list[int], num_frames: int,
+                 open_shard: Callable[[str], BinaryIO]):
+        self.urls, self.counts, self.num_frames = urls, counts, num_frames
+        self.open_shard = open_shard
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        # Not yet reported: damaged shards (url, reason) and undecodable samples (key, reason).
+        self.corrupt: list[tuple[str, str]] = []
+        self.bad_samples: list[tuple[str, str]] = []
+
+    def positions(self, plan: EpochPlan, start: int, stop: int) -> Iterator[dict]:
+        """Raw samples at virtual positions [start, stop) of `plan`, in order.
+
+        Positions past the end wrap around (used to refill training slots).
+        """
+        total = plan.total
+        pos = start
+        while pos < stop and total > 0:
+            p = pos % total
+            k = bisect.bisect_right(plan.shard_starts, p) - 1  # the shard holding position p
+            lo = p - plan.shard_starts[k]
+            hi = min(plan.shard_starts[k + 1] - plan.shard_starts[k], lo + (stop - pos))
+            yield from self.shard_samples(plan.shard_order[k], lo, hi)
+            pos += hi - lo
+
+    def shard_samples(self, shard: int, lo: int, hi: int) -> Iterator[dict]:
+        """Raw samples number lo..hi-1 of one shard; damage is logged, counted, skipped."""
+        url = self.urls[shard]
+        done = lo  # next sample number we still have to deliver
+        attempt = 0
+        while done < hi:
+            samples = self._read_tar(url, done)
+            try:
+                for number, raw in samples:
+                    if number >= hi:
+                        break
+                    if raw is None:
+                        self.counters["incomplete_samples"] += 1
+                        self.counters["samples_lost"] += 1
+                    else:
+                        self.counters["raw_read"] += 1
+                        yield raw
+                    done = number + 1
+                else:
+                    if done < hi:
+                        raise _Corrupt(f"ends after sample {done - 1} of the "
+                                       f"{self.counts[shard]} the index lists (truncated)")
+                break
+            except _Corrupt as exc:
+                self._lose(url, str(exc), hi - done)
+                return
+            except Exception as exc:  # noqa: BLE001 - classified here
+                if storage.is_transient(exc) and attempt < storage.RETRY_ATTEMPTS - 1:
+                    # Reopen and fast-forward to sample `done`: nothing is delivered twice.
+                    self.counters["retries"] += 1
+                    time.sleep(storage.RETRY_BASE_DELAY * 2 ** attempt)
+                    attempt += 1
+                    continue
+                if storage.is_transient(exc):
+                    raise  # an outage, not damage: fail loudly, resume from a checkpoint
+                self._lose(url, f"{type(exc).__name__}: {exc}", hi - done)
+                return
+            finally:
+                samples.close()  # closes the shard now, also when we stop early
+
+    def _lose(self, url: str, reason: str, lost: int) -> None:
+        self.counters["samples_lost"] += lost
+        self.corrupt.append((url, reason))
+
+    def _read_tar(self, url: str, first: int) -> Iterator[tuple[int, dict | None]]:
+        """(sample number, raw sample or None if incomplete) from sample `first` on.
+
+        Samples before `first` are skipped without keeping their bytes. Corruption inside
+        the tar raises `_Corrupt`.
+        """
+        with self.open_shard(url) as f:
+            try:
+                # Stream mode: one forward pass, no seeks (object stores), 1 MiB reads.
+                tar = tarfile.open(fileobj=f, mode="r|", bufsize=TAR_READ_BYTES)
+            except tarfile.TarError as exc:
+                raise _Corrupt(f"not a tar file ({exc})") from None
+            number, key, sample = -1, None, None
+            try:
+                for info in tar:
+                    tar.members = []  # stream mode would otherwise keep every header
+                    if not info.isreg():
+                        continue
+                    name_key, dot, member = info.name.partition(".")
+                    if not dot:
+                        continue
+                    if name_key != key:
+                        if sample is not None:
+                            yield number, self._checked(sample)
+                        number, key = number + 1, name_key
+                        sample = {"__key__": key, "__url__": url} if number >= first else None
+                    if sample is not None:
+                        sample[member] = tar.extractfile(info).read()
+            except (tarfile.TarError, EOFError) as exc:
+                raise _Corrupt(f"unreadable after sample {number} ({exc})") from None
+            if sample is not None:
+                yield number, self._checked(sample)
+
+    def _checked(self, sample: dict) -> dict | None:
+        """The sample if it has all its members (T frames, fbank, json), else None."""
+        frames = shards.frame_members(sample)
+        if (len(frames) != self.num_frames or shards.FBANK_MEMBER not in sample
+                or shards.META_MEMBER not in sample):
+            return None
+        return sample
+
+
+class _EpochDataset(IterableDataset):
+    """What each DataLoader worker iterates: its slot's batches for the current epoch.
+
+    The epoch and the resume point live in a shared-memory tensor so that persistent
+    workers (which keep their copy of this object across epochs) see updates.
+    """
+
+    def __init__(self, *, urls: list[str], counts: list[int], num_frames: int, rank: int,
+                 world_size: int, num_workers: int, batch_size: int, training: bool,
+                 seed: int, shuffle_buffer: int, drop_last: bool,
+                 open_shard: Callable[[str], BinaryIO]):
+        super().__init__()
+        self.urls, self.counts, self.num_frames = urls, counts, num_frames
+        self.rank, self.world_size, self.workers = rank, world_size, max(num_workers, 1)
+        self.batch_size, self.training, self.seed = batch_size, training, seed
+        self.shuffle_buffer, self.drop_last, self.open_shard = shuffle_buffer, drop_last, open_shard
+        self.control = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, consumed
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.counts, slots=self.world_size * self.workers,
+                          batch_size=self.batch_size, training=self.training, seed=self.seed,
+                          epoch=epoch, drop_last=self.drop_last)
+
+    def rank_batches(self, plan: EpochPlan) -> list[int]:
+        """Batches of each of this rank's workers."""
+        first = self.rank * self.workers
+        return list(plan.batches[first:first + self.workers])
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        epoch, consumed = (int(v) for v in self.control.tolist())
+        plan = self.plan(epoch)
+        # The DataLoader always asks worker 0 first, but after k consumed batches the
+        # uninterrupted epoch would continue with worker k % W: rotate the roles so that
+        # the resumed batches come in exactly the uninterrupted order.
+        worker = ((info.id if info is not None else 0) + consumed) % self.workers
+        slot = self.rank * self.workers + worker
+        skip_batches = batches_done_per_worker(consumed, self.rank_batches(plan))[worker]
+        reader = _SlotReader(self.urls, self.counts, self.num_frames, self.open_shard)
+        sent = dict.fromkeys(COUNTERS, 0)
+
+        def report() -> dict:
+            delta = {k: reader.counters[k] - sent[k] for k in COUNTERS}
+            sent.update(reader.counters)
+            delta["corrupt"], reader.corrupt = reader.corrupt, []
+            delta["bad_samples"], reader.bad_samples = reader.bad_samples, []
+            return {"slot": slot, "epoch": epoch, **delta}
+
+        start, stop = plan.ranges[slot]
+        take = plan.take[slot]
+        if self.training:
+            rng = random.Random(f"avpea-shuffle/{self.seed}/{epoch}/{slot}")
+            raw = shuffled(reader.positions(plan, start, stop), self.shuffle_buffer, rng)
+            # Refill: samples lost to damage are replaced by reading on past the range
+            # (wrapping), at most one full pass, so every slot still yields `take`.
+            refill = reader.positions(plan, stop, stop + plan.total)
+        else:
+            raw, refill = reader.positions(plan, start, stop), iter(())
+
+        skip_raw = skip_batches * self.batch_size
+        reader.counters["skipped_for_resume"] = skip_raw
+        wanted = take - skip_raw
+
+        def decoded() -> Iterator[dict]:
+            pulled = 0
+            for source in (raw, refill):
+                for sample in source:
+                    pulled += 1
+                    if pulled <= skip_raw:
+                        continue  # consumed before the checkpoint: regenerated, not decoded
+                    if source is refill:
+                        reader.counters["refilled"] += 1
+                    try:
+                        out = shards.decode_sample(sample)
+                    except Exception as exc:  # noqa: BLE001 - bad bytes in one sample
+                        reader.counters["decode_errors"] += 1
+                        reader.bad_samples.append((sample["__key__"],
+                                                   f"{sample['__url__']}: {exc}"))
+                        continue
+                    reader.counters["decoded"] += 1
+                    yield out
+
+        samples = decoded()
+        batch: list[dict] = []
+        batch_number, produced = skip_batches, 0
+        while produced < wanted:
+            sample = next(samples, None)
+            if sample is None:
+                break
+            batch.append(sample)
+            produced += 1
+            if len(batch) == self.batch_size or produced == wanted:
+                out = collate(batch)
+                out["_reader"] = {"slot": slot, "batch": batch_number, "stats": report()}
+                batch_number += 1
+                batch = []
+                yield out
+        samples.close()
+        if self.training and produced < wanted:
+            raise RuntimeError(f"reader slot {slot}: only {produced} of {wanted} samples "
+                               "readable in the whole split (see the corrupt shards logged)")
+        if batch:  # eval: the last partial batch
+            out = collate(batch)
+            out["_reader"] = {"slot": slot, "batch": batch_number, "stats": report()}
+            yield out
+        final = report()
+        if final["corrupt"] or final["bad_samples"] or any(final[k] for k in COUNTERS):
+            yield {"_reader": {"slot": slot, "batch": None, "stats": final}}
+
+
+def _passthrough(item: Any) -> Any:
+    """The DataLoader's per-item convert: batches are already tensors."""
+    return item
+
+
+class ShardStream:
+    """Exact-epoch batches from an avpea shard set for one rank.
+
+    Args:
+        index_url: the split's directory/prefix (or its shards.json), or a read ShardIndex.
+        batch_size: samples per batch.
+        training: True for training (shuffled, equal steps on every rank), False for
+            evaluation (index order, every sample exactly once).
+        rank, world_size: this rank and the number of ranks; default to Ray Train's context
+            inside a Train worker, else 0 and 1.
+        num_workers: DataLoader worker processes per rank (0 reads in the main process).
+        seed: seed of the shard permutation and shuffle buffers.
+        shuffle_buffer: raw samples held per worker for shuffling (training); memory is
+            about shuffle_buffer x compressed sample size (~0.6 MB at T=10, 224 px).
+        epoch: the epoch to start at.
+        drop_last: training: cut each slot to whole batches (see the module docstring).
+        persistent_workers, pin_memory, prefetch_factor, multiprocessing_context: passed to
+            the DataLoader.
+        open_shard: opens a shard URL for reading (default `storage.open_url`).
+    """
+
+    def __init__(self, index_url: str | shards.ShardIndex, *, batch_size: int, training: bool,
+                 rank: int | None = None, world_size: int | None = None, num_workers: int = 2,
+                 seed: int = 0, shuffle_buffer: int = 256, epoch: int = 0,
+                 drop_last: bool = True, persistent_workers: bool = False,
+                 pin_memory: bool = False, prefetch_factor: int | None = None,
+                 multiprocessing_context: Any = None,
+                 open_shard: Callable[[str], BinaryIO] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if rank is None or world_size is None:
+            ray_rank, ray_world = ray_train_rank_and_world()
+            rank = ray_rank if rank is None else rank
+            world_size = ray_world if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.index = (index_url if isinstance(index_url, shards.ShardIndex)
+                      else shards.read_index(index_url))
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.batch_size, self.training, self.seed = batch_size, training, seed
+        self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
+        self.epoch, self.batches_consumed = epoch, 0
+        self._dataset = _EpochDataset(
+            urls=self.index.shard_urls(), counts=[s.samples for s in self.index.shards],
+            num_frames=self.index.num_frames, rank=rank, world_size=world_size,
+            num_workers=num_workers, batch_size=batch_size, training=training, seed=seed,
+            shuffle_buffer=shuffle_buffer if training else 0, drop_last=drop_last,
+            open_shard=open_shard or storage.open_url)
+        self._plan(epoch)  # fail early on an impossible layout
+        loader_kw: dict[str, Any] = {}
+        if num_workers > 0:
+            loader_kw.update(persistent_workers=persistent_workers,
+                             multiprocessing_context=multiprocessing_context)
+            if prefetch_factor is not None:
+                loader_kw["prefetch_factor"] = prefetch_factor
+        self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
+                                  collate_fn=_passthrough, pin_memory=pin_memory, **loader_kw)
+        self._stats = dict.fromkeys(COUNTERS, 0)
+        self._corrupt: dict[str, str] = {}
+        self._bad_samples: dict[str, str] = {}
+
+    # -- layout -------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        """Reader slots in the job: world_size x loader workers."""
+        return self.world_size * max(self.num_workers, 1)
+
+    def _plan(self, epoch: int | None = None) -> EpochPlan:
+        return self._dataset.plan(self.epoch if epoch is None else epoch)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The epoch's layout (for inspection and tests)."""
+        return self._plan(epoch)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank in training)."""
+        return sum(self._dataset.rank_batches(self._plan()))
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples of the split the epoch leaves out (training; 0 in evaluation)."""
+        plan = self._plan()
+        return plan.total - sum(plan.take)
+
+    # -- iteration ----------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Move to `epoch` (from its start, unless it is already the current epoch)."""
+        if epoch != self.epoch:
+            self.epoch, self.batches_consumed = epoch, 0
+
+    def loader(self) -> DataLoader:
+        """The underlying DataLoader (iterate the stream itself to count batches)."""
+        return self._loader
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        """The current epoch's remaining batches (one iteration at a time per stream).
+
+        Batches are dicts (see `collate`). Each handed-out batch counts as consumed, so a
+        checkpoint taken after processing it resumes after it; once the epoch's last batch
+        is handed out the position moves to the start of the next epoch (so a checkpoint
+        taken then resumes there, and the next iteration reads that epoch).
+        """
+        epoch = self.epoch
+        per_worker = self._dataset.rank_batches(self._plan())
+        steps = sum(per_worker)
+        self._dataset.control.copy_(torch.tensor([self.epoch, self.batches_consumed]))
+        order = self._expected_order(per_worker)
+        for item in self._loader:
+            info = item.pop("_reader")
+            self._absorb(info["stats"])
+            if info["batch"] is None:
+                continue  # a worker's last report, no data
+            expected = next(order, None)
+            # Training slots yield exactly their planned batches, so the DataLoader's
+            # round-robin is fully predictable; check it (eval counts may shrink on damage).
+            if self.training and (info["slot"], info["batch"]) != expected:
+                raise RuntimeError(
+                    f"reader: got batch {info['batch']} of slot {info['slot']}, expected "
+                    f"{expected}; the DataLoader must hand out worker batches in order "
+                    "(in_order=True) for exact resume")
+            self.batches_consumed += 1
+            if self.batches_consumed == steps:
+                self.epoch, self.batches_consumed = epoch + 1, 0
+            yield item
+        if self.epoch == epoch:
+            # Ended early: evaluation over damaged shards yields fewer than the nominal steps.
+            self.epoch, self.batches_consumed = epoch + 1, 0
+
+    def _expected_order(self, per_worker: list[int]) -> Iterator[tuple[int, int]]:
+        """(slot, batch number) of the batches still to come, in DataLoader order."""
+        done = batches_done_per_worker(self.batches_consumed, per_worker)
+        first = self.rank * max(self.num_workers, 1)
+        for j in range(max(per_worker, default=0)):
+            for w, n in enumerate(per_worker):
+                if done[w] <= j < n:
+                    yield first + w, j
+
+    def _absorb(self, report: dict) -> None:
+        for k in COUNTERS:
+            self._stats[k] += report[k]
+        for url, reason in report["corrupt"]:
+            if url not in self._corrupt:
+                log.warning("skipped damaged shard %s: %s", url, reason)
+            self._corrupt.setdefault(url, reason)
+        for key, reason in report["bad_samples"]:
+            log.warning("skipped undecodable sample %s (%s)", key, reason)
+            self._bad_samples.setdefault(key, reason)
+
+    @property
+    def stats(self) -> dict:
+        """Counters since this object was made, summed over this rank's workers.
+
+        Keys: the `COUNTERS` (raw_read, decoded, samples_lost, decode_errors,
+        incomplete_samples, refilled, retries, skipped_for_resume), `corrupt_shards` (URLs,
+        first seen first), `corrupt_reasons` (URL -> reason) and `bad_samples` (key ->
+        reason, samples whose bytes did not decode).
+        """
+        return {**self._stats, "corrupt_shards": list(self._corrupt),
+                "corrupt_reasons": dict(self._corrupt), "bad_samples": dict(self._bad_samples)}
+
+    # -- checkpointing ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The position, for a checkpoint (identical on every rank in training)."""
+        return {"version": STATE_VERSION, "epoch": self.epoch,
+                "batches_consumed": self.batches_consumed, "seed": self.seed,
+                "world_size": self.world_size, "num_workers": self.num_workers,
+                "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
+                "training": self.training, "drop_last": self.drop_last,
+                "total_samples": self.index.total_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`; the layout settings must match.
+
+        Raises ValueError naming each setting that differs (resuming with another world
+        size, worker count or batch size would change which samples remain).
+        """
+        mine = self.state_dict()
+        keys = ("world_size", "num_workers", "batch_size", "seed", "shuffle_buffer",
+                "training", "drop_last", "total_samples")
+        diffs = [f"{k}: checkpoint {state[k]!r}, now {mine[k]!r}"
+                 for k in keys if k in state and state[k] != mine[k]]
+        if diffs:
+            raise ValueError(
+                "cannot resume the data position exactly; the reader settings differ from "
+                "the checkpoint's (" + "; ".join(diffs) + "). Resume with the same settings "
+                "(same number of ranks and loader workers), or restart the epoch with "
+                "set_epoch().")
+        self.epoch = int(state["epoch"])
+        self.batches_consumed = int(state["batches_consumed"])
+        steps = self.steps_per_epoch
+        if self.batches_consumed > steps:
+            raise ValueError(f"checkpoint consumed {self.batches_consumed} batches of an "
+                             f"epoch that has {steps}")
+        if self.batches_consumed == steps:  # a finished epoch: continue with the next
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+
+__all__ = ["ShardStream", "EpochPlan", "plan_epoch", "batches_done_per_worker", "collate",
+           "shuffled", "ray_train_rank_and_world", "COUNTERS"]

@@ -1,0 +1,1 @@
+"""Dataset -> WebDataset shard tools: musicavqa, ave, synth, validate."""

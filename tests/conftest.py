@@ -1,0 +1,66 @@
+"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1 for the whole session."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import pytest
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass
+class S3Server:
+    """Handle on the session's moto server.
+
+    Args:
+        endpoint: "http://127.0.0.1:PORT"; also in AWS_ENDPOINT_URL for this process and
+            any subprocess started from the tests.
+    """
+
+    endpoint: str
+
+    def make_bucket(self, name: str) -> str:
+        """Create a bucket (if absent) and return its URL, "s3://name"."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if name not in existing:
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """Start moto's ThreadedMotoServer on 127.0.0.1 (free port) and point AWS_* at it.
+
+    Yields:
+        `S3Server` with `endpoint` and `make_bucket(name) -> "s3://name"`. The environment
+        is restored and the server stopped at the end of the session.
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {**_S3_ENV, "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield S3Server(endpoint)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

@@ -1,0 +1,332 @@
+"""The exact-epoch reader on real tar shards, with real DataLoader worker processes.
+
+The split: 23 samples in 5 shards of 7, 3, 6, 2 and 5 samples (uneven on purpose), read by
+2 ranks x 2 loader workers = 4 slots, so slots straddle shard boundaries and share shards.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from avpea_ray.data import shards
+from avpea_ray.data.reader import (ShardStream, batches_done_per_worker, plan_epoch,
+                                   shuffled)
+
+SHARD_SIZES = (7, 3, 6, 2, 5)
+N = sum(SHARD_SIZES)
+KEYS = [f"vid{i:03d}" for i in range(N)]
+WORLD, WORKERS, BATCH = 2, 2, 2
+SLOTS = WORLD * WORKERS
+
+
+def write_split(out: str) -> shards.ShardIndex:
+    """Write the 23-sample split with ShardWriter; the first sample of every shard is
+    padded so that the writer's size limit starts a new shard exactly there."""
+    firsts = set(np.cumsum((0,) + SHARD_SIZES[:-1]).tolist())
+    with shards.ShardWriter(out, split="train", dataset="toy", num_frames=2, image_size=32,
+                            audio={"num_mel_bins": 8}, max_shard_bytes=160_000) as writer:
+        for i, key in enumerate(KEYS):
+            frames = [np.full((32, 32, 3), (7 * i + 50 * t) % 256, np.uint8) for t in range(2)]
+            fbank = np.full((2, 4, 8), i, np.float32)
+            meta = {"video_id": key, "pad": "x" * (100_000 if i in firsts else 0)}
+            writer.write(shards.encode_sample(key, frames, fbank, meta))
+    index = shards.read_index(out)
+    assert [s.samples for s in index.shards] == list(SHARD_SIZES)
+    return index
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("split"))
+    write_split(out)
+    return out
+
+
+def stream(url, rank=0, *, training, world=WORLD, workers=WORKERS, **kw) -> ShardStream:
+    return ShardStream(url, rank=rank, world_size=world, num_workers=workers,
+                       batch_size=BATCH, training=training, shuffle_buffer=4, **kw)
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def epoch_keys(url, *, training, epoch=0, seed=0, **kw) -> list[list[str]]:
+    """Per rank, the keys of one epoch in the order they arrive."""
+    out = []
+    for rank in range(WORLD):
+        s = stream(url, rank, training=training, epoch=epoch, seed=seed, **kw)
+        out.append(keys_of(s))
+    return out
+
+
+# --- the plan (pure) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes,slots,batch,drop_last", [
+    ((7, 3, 6, 2, 5), 4, 2, True),
+    ((7, 3, 6, 2, 5), 4, 2, False),
+    ((100,), 6, 4, True),          # fewer shards than slots
+    ((5, 5, 5), 3, 5, True),       # divides exactly: nothing dropped
+    ((1, 1, 1, 1, 1, 1, 1), 2, 3, False),
+])
+def test_training_plan_equal_slots_and_bounded_drop(sizes, slots, batch, drop_last):
+    plan = plan_epoch(list(sizes), slots=slots, batch_size=batch, training=True, seed=1,
+                      epoch=3, drop_last=drop_last)
+    assert len(set(plan.batches)) == 1 and len(set(plan.take)) == 1
+    assert sorted(plan.shard_order) == list(range(len(sizes)))
+    dropped = sum(sizes) - sum(plan.take)
+    assert 0 <= dropped < (slots * batch if drop_last else slots)
+    for (start, stop), take in zip(plan.ranges, plan.take):
+        assert take <= stop - start
+    assert all(a[1] == b[0] for a, b in zip(plan.ranges, plan.ranges[1:]))  # disjoint
+
+
+@pytest.mark.parametrize("total,slots", [(23, 4), (3, 4), (100, 7), (0 + 8, 8)])
+def test_eval_plan_partitions_everything(total, slots):
+    plan = plan_epoch([total], slots=slots, batch_size=3, training=False, seed=0, epoch=0)
+    covered = [p for start, stop in plan.ranges for p in range(start, stop)]
+    assert covered == list(range(total))
+    assert max(plan.take) - min(plan.take) <= 1
+
+
+@pytest.mark.parametrize("consumed,per_worker,expected", [
+    (0, [3, 3], [0, 0]),
+    (1, [3, 3], [1, 0]),
+    (5, [3, 3], [3, 2]),
+    (4, [1, 3], [1, 3]),        # worker 0 exhausted after round 0
+    (5, [2, 3, 1], [2, 2, 1]),
+])
+def test_batches_done_per_worker_follows_round_robin(consumed, per_worker, expected):
+    assert batches_done_per_worker(consumed, per_worker) == expected
+
+
+def test_shuffle_buffer_is_bounded_permutation():
+    import random
+
+    out = list(shuffled(range(50), 8, random.Random(0)))
+    assert sorted(out) == list(range(50)) and out != list(range(50))
+    # Bounded: the j-th output is emitted before input j + size arrives (holds <= 8).
+    assert all(item <= j + 8 for j, item in enumerate(out))
+
+
+# --- evaluation: every sample exactly once ------------------------------------------------
+
+@pytest.mark.parametrize("world,workers,persistent", [
+    (2, 2, False),
+    (2, 2, True),   # a second pass through the same persistent workers, too
+    (4, 2, False),  # 8 slots for 5 shards: slots share shards
+    (1, 0, False),  # in the main process
+])
+def test_eval_sees_every_sample_exactly_once(split, world, workers, persistent):
+    everything = []
+    for rank in range(world):
+        s = stream(split, rank, training=False, world=world, workers=workers,
+                   persistent_workers=persistent)
+        first = keys_of(s)
+        if persistent:
+            assert keys_of(s) == first
+        assert first  # every rank gets a share
+        everything += first
+    assert sorted(everything) == KEYS  # no drop, no duplicate
+
+
+def test_eval_batches_have_the_collated_layout(split):
+    batch = next(iter(stream(split, training=False)))
+    assert batch["frames"].shape == (BATCH, 2, 3, 32, 32) and str(batch["frames"].dtype) == "torch.uint8"
+    assert batch["fbank"].shape == (BATCH, 2, 1, 4, 8) and str(batch["fbank"].dtype) == "torch.float32"
+    assert [m["video_id"] for m in batch["meta"]] == batch["key"]
+    # fbank value i identifies the sample: the decoded tensors belong to the key.
+    assert [int(f[0, 0, 0, 0]) for f in batch["fbank"]] == [KEYS.index(k) for k in batch["key"]]
+
+
+# --- training: equal steps, bounded drop, deterministic order ----------------------------
+
+def test_training_equal_steps_bounded_drop_no_repeat(split):
+    streams = [stream(split, r, training=True) for r in range(WORLD)]
+    per_rank = [keys_of(s) for s in streams]
+    steps = [s.steps_per_epoch for s in streams]
+    assert steps[0] == steps[1] > 0
+    assert [len(k) for k in per_rank] == [steps[0] * BATCH] * WORLD
+    seen = per_rank[0] + per_rank[1]
+    assert len(seen) == len(set(seen))
+    dropped = N - len(seen)
+    assert dropped == streams[0].dropped_per_epoch < SLOTS * BATCH
+    # Both streams moved on to the next epoch after a full pass.
+    assert streams[0].state_dict()["epoch"] == 1 and streams[0].batches_consumed == 0
+
+
+def test_training_order_is_a_function_of_seed_and_epoch(split):
+    a = epoch_keys(split, training=True, epoch=2, seed=5)
+    assert a == epoch_keys(split, training=True, epoch=2, seed=5)
+    assert a != epoch_keys(split, training=True, epoch=3, seed=5)
+    assert a != epoch_keys(split, training=True, epoch=2, seed=6)
+
+
+def test_persistent_workers_follow_the_epoch(split):
+    # Persistent workers keep their dataset copy; the epoch reaches them through shared
+    # memory, so epoch 1 read through them equals epoch 1 read by fresh workers.
+    s = stream(split, 0, training=True, persistent_workers=True)
+    e0, e1 = keys_of(s), keys_of(s)
+    assert s.epoch == 2 and e0 != e1
+    assert e1 == keys_of(stream(split, 0, training=True, epoch=1))
+
+
+def test_drop_last_false_keeps_all_but_the_remainder(split):
+    seen = []
+    for rank in range(WORLD):
+        s = stream(split, rank, training=True, drop_last=False)
+        seen += keys_of(s)
+    assert len(seen) == len(set(seen)) == N - N % SLOTS
+
+
+# --- mid-epoch resume ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank,k,persistent", [(0, 1, False), (1, 3, False), (0, 2, True)])
+def test_resume_mid_epoch_yields_exactly_the_unseen(split, rank, k, persistent):
+    full = keys_of(stream(split, rank, training=True, epoch=1, seed=3))
+    s = stream(split, rank, training=True, epoch=1, seed=3, persistent_workers=persistent)
+    before = []
+    for batch in s:
+        before += batch["key"]
+        if s.batches_consumed == k:
+            break
+    state = s.state_dict()
+    assert state["epoch"] == 1 and state["batches_consumed"] == k
+    resumed = stream(split, rank, training=True, seed=3, persistent_workers=persistent)
+    resumed.load_state_dict(state)
+    after = keys_of(resumed)
+    assert before + after == full          # same order, nothing repeated, nothing missed
+    assert resumed.stats["skipped_for_resume"] == k * BATCH
+    assert resumed.state_dict()["epoch"] == 2
+
+
+def test_position_after_the_last_batch_is_the_next_epoch(split):
+    s = stream(split, 0, training=True, epoch=4)
+    for n, _ in enumerate(s, start=1):
+        if n == s.steps_per_epoch:
+            break  # stop right after the last batch, before the loop would end by itself
+    assert (s.state_dict()["epoch"], s.state_dict()["batches_consumed"]) == (5, 0)
+    assert keys_of(s) == keys_of(stream(split, 0, training=True, epoch=5))
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_breaking_out_and_iterating_again_continues_the_epoch(split, persistent):
+    full = keys_of(stream(split, 0, training=True))
+    s = stream(split, 0, training=True, persistent_workers=persistent)
+    first = []
+    for batch in s:
+        first += batch["key"]
+        break
+    assert first + keys_of(s) == full
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"world": 4}, "world_size"),
+    ({"workers": 1}, "num_workers"),
+])
+def test_resume_refuses_a_different_layout(split, change, match):
+    state = stream(split, 0, training=True).state_dict()
+    other = stream(split, 0, training=True, **change)
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(state)
+
+
+# --- damage and transient errors ----------------------------------------------------------
+
+@pytest.fixture
+def damaged_split(split, tmp_path) -> tuple[str, str, int]:
+    """A copy of the split whose third shard (6 samples) is cut in the middle of sample 3."""
+    out = str(tmp_path / "damaged")
+    shutil.copytree(split, out)
+    index = shards.read_index(out)
+    victim = index.shard_urls()[2]
+    with open(victim, "rb") as f:
+        data = f.read()
+    with open(victim, "wb") as f:
+        f.write(data[: int(len(data) * 0.75)])
+    return out, victim, sum(SHARD_SIZES[:2])
+
+
+def test_truncated_shard_is_skipped_named_and_counted(damaged_split, caplog):
+    url, victim, first_of_victim = damaged_split
+    seen, lost, corrupt = [], 0, set()
+    with caplog.at_level(logging.WARNING, logger="avpea_ray.data.reader"):
+        for rank in range(WORLD):
+            s = stream(url, rank, training=False)
+            seen += keys_of(s)
+            lost += s.stats["samples_lost"]
+            corrupt |= set(s.stats["corrupt_shards"])
+    assert len(seen) == len(set(seen))
+    missing = set(KEYS) - set(seen)
+    victim_keys = set(KEYS[first_of_victim:first_of_victim + SHARD_SIZES[2]])
+    assert missing and missing <= victim_keys and len(missing) == lost
+    assert corrupt == {victim}
+    assert os.path.basename(victim) in caplog.text
+
+
+def test_training_over_a_damaged_shard_keeps_steps_equal(damaged_split):
+    url, _, _ = damaged_split
+    streams = [stream(url, r, training=True, epoch=e) for r in range(WORLD) for e in (0, 1)]
+    counts = [len(keys_of(s)) for s in streams]
+    assert len(set(counts)) == 1 and counts[0] == streams[0].steps_per_epoch * BATCH
+    assert any(s.stats["refilled"] for s in streams)
+
+
+class FlakyOpener:
+    """Opens shards normally, but the first read of each shard past 3 KB raises a
+    connection reset (markers on disk, since loader workers are separate processes)."""
+
+    def __init__(self, marker_dir: str):
+        self.marker_dir = marker_dir
+
+    def __call__(self, url: str):
+        marker = os.path.join(self.marker_dir, os.path.basename(url))
+        return _FlakyFile(open(url, "rb"), marker)
+
+
+class _FlakyFile:
+    def __init__(self, f, marker):
+        self.f, self.marker = f, marker
+
+    def read(self, size=-1):
+        if not os.path.exists(self.marker):
+            left = 3000 - self.f.tell()
+            if left > 0:  # deliver up to byte 3000, then drop the connection once
+                return self.f.read(left if size < 0 else min(size, left))
+            open(self.marker, "w").close()
+            raise ConnectionResetError("connection reset by peer (injected)")
+        return self.f.read(size)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_transient_errors_are_retried_without_loss_or_repeat(split, tmp_path):
+    seen, retries = [], 0
+    for rank in range(WORLD):
+        s = stream(split, rank, training=False, open_shard=FlakyOpener(str(tmp_path)))
+        seen += keys_of(s)
+        retries += s.stats["retries"]
+        assert not s.stats["corrupt_shards"]
+    assert sorted(seen) == KEYS
+    assert retries >= len(SHARD_SIZES)
+
+
+# --- object storage -----------------------------------------------------------------------
+
+def test_reads_from_s3_exactly_once(s3, tmp_path):
+    url = s3.make_bucket("reader-test") + "/tiny/train"
+    write_split(url)
+    seen = []
+    for rank in range(WORLD):
+        seen += keys_of(stream(url, rank, training=False))
+    assert sorted(seen) == KEYS
+    train = keys_of(stream(url, 1, training=True, seed=2))
+    assert train == keys_of(stream(url, 1, training=True, seed=2))

@@ -1,0 +1,570 @@
+"""Sharding MUSIC-AVQA and AVE into avpea-shards/1 and validating the result.
+
+Real parts throughout: JPEG/WAV/MP4 files written by tests/media.py, tar shards on local disk
+and on a moto S3 server (tests/conftest.py), webdataset reading them back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from fsspec.implementations.memory import MemoryFileSystem
+
+import media
+from avpea_ray.data import shards, storage
+from avpea_ray.model.audio import AudioConfig, waveform_to_windows
+from sharding import ave, common, musicavqa, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# linspace(0, 11, 10) rounded: which of 12 source frames a T=10 sample holds.
+PICKED_OF_12 = [0, 1, 2, 4, 5, 6, 7, 9, 10, 11]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """fbank on tiny tensors: extra intra-op threads only spin-wait on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(module, argv) -> int:
+    """A sharding CLI in-process, through the same wrapper `python -m` uses."""
+    return common.run_main(module.main, argv)
+
+
+def frame_colors(frames: torch.Tensor) -> np.ndarray:
+    """Mean RGB of each (3, H, W) frame -> (T, 3)."""
+    return frames.float().mean(dim=(2, 3)).numpy()
+
+
+def read_back(url: str) -> list[dict]:
+    """Every sample of a split, in index order, read through webdataset and decoded."""
+    storage.register_webdataset_schemes()
+    index = shards.read_index(url)
+    dataset = wds.WebDataset(index.shard_urls(), shardshuffle=False, empty_check=False)
+    return [shards.decode_sample(s) for s in dataset]
+
+
+# -- small pure pieces, table-driven -----------------------------------------------------
+
+@pytest.mark.parametrize("base,name,expected", [
+    ("/data/out", "a.tar", "/data/out/a.tar"),
+    ("s3://bucket/prefix/", "a.tar", "s3://bucket/prefix/a.tar"),
+    ("s3://bucket/prefix", "s3://other/x.tar", "s3://other/x.tar"),
+    ("memory://root", "/abs/x.tar", "/abs/x.tar"),
+])
+def test_join(base, name, expected):
+    assert storage.join(base, name) == expected
+
+
+@pytest.mark.parametrize("video_id,key", [
+    ("00000093", "00000093"), ("-0A9suni5YA", "-0A9suni5YA"), ("a.b c/d", "a_b_c_d"),
+])
+def test_sample_key_has_no_dots(video_id, key):
+    assert shards.sample_key(video_id) == key
+
+
+@pytest.mark.parametrize("content,templ,question,tokens", [
+    ("How many instruments are sounding?", [], "How many instruments are sounding?",
+     ["how", "many", "instruments", "are", "sounding"]),
+    ("Is the <Object> on the <LR> louder\uff1f", ["cello", "left"],
+     "Is the cello on the left louder\uff1f",
+     ["is", "the", "cello", "on", "the", "left", "louder"]),
+    ("Where is the <FL> sounding <Object>?", ["first", "acoustic guitar"],
+     "Where is the first sounding acoustic guitar?",
+     ["where", "is", "the", "first", "sounding", "acoustic", "guitar"]),
+])
+def test_fill_question_and_tokenize(content, templ, question, tokens):
+    filled = musicavqa.fill_question(content, templ)
+    assert filled == question
+    assert musicavqa.tokenize(filled) == tokens
+
+
+@pytest.mark.parametrize("record,message", [
+    (media.avqa_record("v", 1, content="Is the <Object> louder?"), "placeholder"),
+    ({**media.avqa_record("v", 1), "type": "Audio Counting"}, "'type'"),
+    ({k: v for k, v in media.avqa_record("v", 1).items() if k != "anser"}, "anser"),
+])
+def test_malformed_avqa_record(record, message):
+    with pytest.raises(musicavqa.MalformedRecord, match=message):
+        musicavqa.parse_record(record)
+
+
+@pytest.mark.parametrize("index,start,end,labels", [
+    (3, 2, 5, [28, 28, 3, 3, 3, 28, 28, 28, 28, 28]),
+    (0, 0, 10, [0] * 10),
+    (7, 9, 10, [28] * 9 + [7]),
+    (1, 4, 4, [28] * 10),
+])
+def test_ave_second_labels(index, start, end, labels):
+    assert ave.second_labels(index, start, end) == labels
+
+
+@pytest.mark.parametrize("exc,transient", [
+    (ConnectionResetError(), True), (TimeoutError(), True), (OSError(16, "SlowDown"), True),
+    (FileNotFoundError(), False), (ConnectionRefusedError(), False), (ValueError(), False),
+])
+def test_transient_errors(exc, transient):
+    assert storage.is_transient(exc) is transient
+
+
+# -- storage: retried reads --------------------------------------------------------------
+
+class _DropOnce:
+    """A file that loses its 'connection' once, after `fail_at` bytes."""
+
+    def __init__(self, f, fail_at):
+        self._f, self._fail_at = f, fail_at
+
+    def read(self, size=-1):
+        if FlakyFS.failures and self._f.tell() + (size if size > 0 else 1 << 30) > self._fail_at:
+            FlakyFS.failures -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return self._f.read(size)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+class FlakyFS(MemoryFileSystem):
+    """An in-memory filesystem whose reads fail `failures` times (fault injection)."""
+
+    protocol = "flaky"
+    failures = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("flaky://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        return _DropOnce(f, 30_000) if "r" in mode else f
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        if FlakyFS.failures:
+            FlakyFS.failures -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return super().cat_file(path, start, end, **kwargs)
+
+
+@pytest.mark.parametrize("failures,ok", [(0, True), (2, True), (storage.RETRY_ATTEMPTS, False)])
+def test_reads_retry_transient_errors(monkeypatch, failures, ok):
+    import fsspec
+
+    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
+    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.0)
+    data = os.urandom(100_000)
+    FlakyFS().pipe_file("/blob.bin", data)
+    for read in (lambda: storage.open_url("flaky:///blob.bin").read(),
+                 lambda: storage.read_bytes("flaky:///blob.bin")):
+        FlakyFS.failures = failures
+        if ok:
+            assert read() == data
+        else:
+            with pytest.raises(ConnectionResetError):
+                read()
+    FlakyFS.failures = 0
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("flaky:///absent.bin")
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+def test_s3_endpoint_comes_from_the_environment(s3, monkeypatch, variable):
+    import s3fs
+
+    bucket = s3.make_bucket("endpoint-check")
+    storage.atomic_write_bytes(bucket + "/probe.txt", b"ok")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(variable, s3.endpoint)
+    # s3fs/botocore on their own (no endpoint argument) and through our storage layer.
+    assert s3fs.S3FileSystem(skip_instance_cache=True).cat_file("endpoint-check/probe.txt") == b"ok"
+    assert storage.read_bytes(bucket + "/probe.txt") == b"ok"
+
+
+# -- the shard writer and index ----------------------------------------------------------
+
+def _sample(key: str, rng: np.random.Generator, frames: int = 2, side: int = 16) -> dict:
+    imgs = [rng.integers(0, 255, (side, side, 3), dtype=np.uint8) for _ in range(frames)]
+    return shards.encode_sample(key, imgs, rng.standard_normal((frames, 8, 4)), {"id": key})
+
+
+def test_writer_bounds_shards_and_reads_back(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [_sample(f"s{i}", rng) for i in range(12)]
+    big = _sample("big", rng, side=160)  # larger than the bound on its own
+    limit = 30_000
+    with shards.ShardWriter(str(tmp_path), split="train", dataset="toy", num_frames=2,
+                            image_size=16, audio={}, max_shard_bytes=limit) as writer:
+        for s in samples[:6] + [big] + samples[6:]:
+            writer.write(s)
+    index = shards.read_index(str(tmp_path))
+    assert index.total_samples == 13 and len(index.shards) > 2
+    for info, url in zip(index.shards, index.shard_urls()):
+        assert os.path.getsize(url) == info.bytes
+        assert info.bytes <= limit or info.samples == 1
+    decoded = read_back(str(tmp_path))
+    assert [d["key"] for d in decoded] == [f"s{i}" for i in range(6)] + ["big"] + \
+        [f"s{i}" for i in range(6, 12)]
+    assert decoded[0]["frames"].shape == (2, 3, 16, 16)
+    assert decoded[0]["frames"].dtype == torch.uint8
+    assert decoded[0]["fbank"].shape == (2, 1, 8, 4) and decoded[0]["fbank"].dtype == torch.float32
+    assert decoded[0]["meta"] == {"id": "s0"}
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no shard index"),
+    (b"{not json", "not valid JSON"),
+    (b'{"format": "avpea-shards/1", "dataset": "x", "shards": []}', "'split' is missing"),
+    (b'{"format": "other/2"}', "'format'"),
+])
+def test_read_index_errors_name_the_problem(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "shards.json").write_bytes(content)
+    with pytest.raises(shards.ShardIndexError, match=message) as err:
+        shards.read_index(str(tmp_path))
+    assert "shards.json" in str(err.value)
+
+
+# -- MUSIC-AVQA ------------------------------------------------------------------------------
+
+AVQA_TRAIN = [
+    media.avqa_record("00000001", 1, "one"),
+    media.avqa_record("00000001", 2, "left", content="Is the <Object> on the <LR>\uff1f",
+                      templ=["cello", "left"], qtype=("Visual", "Location")),
+    media.avqa_record("00000002", 3, "two"),
+    media.avqa_record("sa000003", 4, "yes", content="Is there a <Object> sounding?",
+                      templ=["piano"], qtype=("Audio-Visual", "Existential")),
+]
+
+
+def test_avqa_to_s3_and_back(s3, tmp_path):
+    layout = media.make_avqa(str(tmp_path), {"train": AVQA_TRAIN})
+    # One folder numbered without zero padding: 1.jpg, 2.jpg, ..., 12.jpg (natural order).
+    shutil.rmtree(os.path.join(layout.frames, "00000002"))
+    media.write_frames(os.path.join(layout.frames, "00000002"), 12, pattern="{}.jpg")
+    out = s3.make_bucket("avqa-shards") + "/musicavqa/train"
+
+    assert run(musicavqa, layout.args(out, "train", "--max-shard-bytes", "1")) == 0
+
+    index = shards.read_index(out)
+    assert (index.dataset, index.split, index.total_samples, len(index.shards)) == \
+        ("musicavqa", "train", 3, 3)
+    vocab = json.loads(storage.read_bytes(out + "/vocab.json"))
+    assert vocab["question_words"][:4] == ["<pad>", "<unk>", "how", "many"]
+    assert vocab["answers"] == ["one", "left", "two", "yes"]
+    samples = read_back(out)
+    assert [s["key"] for s in samples] == ["00000001", "00000002", "sa000003"]
+    for i, sample in enumerate(samples):
+        vid = sample["meta"]["video_id"]
+        assert sample["frames"].shape == (10, 3, 32, 32)
+        expected = np.array([media.frame_color(j) for j in PICKED_OF_12])
+        assert np.abs(frame_colors(sample["frames"]) - expected).max() < 8
+        wave, _ = media.sf.read(os.path.join(layout.audio, f"{vid}.wav"), dtype="float32")
+        assert torch.allclose(sample["fbank"], waveform_to_windows(wave, 10, AudioConfig()),
+                              atol=5e-3)
+    q = samples[0]["meta"]["questions"][1]
+    assert q["question"] == "Is the cello on the left\uff1f"
+    assert q["question_tokens"] == [vocab["question_words"].index(w)
+                                    for w in ["is", "the", "cello", "on", "the", "left"]]
+    assert (q["answer_index"], q["question_type"], q["anser"]) == (1, "Visual-Location", "left")
+    assert samples[2]["meta"]["questions"][0]["question_type"] == "Audio-Visual-Existential"
+    assert validate.validate(out) == []
+
+    # A rerun into the same prefix (now one shard) replaces the split and drops old shards.
+    assert run(musicavqa, layout.args(out, "train")) == 0
+    index = shards.read_index(out)
+    assert len(index.shards) == 1 and index.total_samples == 3
+    assert storage.list_names(out) == sorted([index.shards[0].url, "report.json",
+                                              "shards.json", "vocab.json"])
+
+
+def test_avqa_val_uses_train_vocabulary(tmp_path):
+    val = [media.avqa_record("00000005", 10, "two",
+                             content="How many <Object> are xylophonic?", templ=["cello"]),
+           media.avqa_record("00000005", 11, "seven")]
+    layout = media.make_avqa(str(tmp_path), {"train": AVQA_TRAIN, "val": val})
+    out = str(tmp_path / "val")
+    assert run(musicavqa, layout.args(out, "val")) == 0
+    (sample,) = read_back(out)
+    vocab = json.loads((tmp_path / "val" / "vocab.json").read_text())
+    q0, q1 = sample["meta"]["questions"]
+    assert "xylophonic" not in vocab["question_words"]
+    assert q0["question_tokens"][-1] == 1  # unknown word
+    assert q0["answer_index"] == vocab["answers"].index("two")
+    assert q1["answer_index"] == -1
+    report = json.loads((tmp_path / "val" / "report.json").read_text())
+    assert report["counts"]["unknown_answers"] == 1 and report["questions"] == 2
+
+
+def _broken_avqa(root: str) -> media.AvqaLayout:
+    """Two good videos (one with a stereo 44.1 kHz WAV) and one of every problem."""
+    train = [media.avqa_record(v, i, "one") for i, v in
+             enumerate(["good1", "good2", "noframes", "nowav", "badjpeg"])]
+    train += [media.avqa_record("good1", 7, "two", deleted=1),
+              media.avqa_record("good2", 99, "one", content="Is the <Object> here?")]
+    layout = media.make_avqa(root, {"train": train})
+    shutil.rmtree(os.path.join(layout.frames, "noframes"))
+    os.remove(os.path.join(layout.audio, "nowav.wav"))
+    with open(os.path.join(layout.frames, "badjpeg", "0005.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 this is not a JPEG")
+    stereo = np.stack([media.tone(2.0, 440, 44_100)] * 2, axis=1)
+    media.write_wav(os.path.join(layout.audio, "good2.wav"), stereo, 44_100)
+    return layout
+
+
+def test_avqa_bad_media_is_reported(tmp_path, capsys):
+    layout = _broken_avqa(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    assert run(musicavqa, layout.args(str(out))) == 0
+    report = json.loads((out / "report.json").read_text())
+    skipped = {(s["id"], s["reason"]) for s in report["skipped"]}
+    assert skipped == {("noframes", "missing_frames"), ("nowav", "missing_audio"),
+                       ("badjpeg", "unreadable_frame"), ("7", "question_deleted"),
+                       ("99", "malformed_record")}
+    assert report["samples"] == 2 and report["questions"] == 2
+    printed = capsys.readouterr().out
+    for video_id, reason in skipped:
+        assert f"{video_id}: {reason}" in printed
+    assert [s["key"] for s in read_back(str(out))] == ["good1", "good2"]
+
+
+@pytest.mark.parametrize("problem,where", [
+    ("missing_frames", "noframes"), ("missing_audio", "nowav"),
+    ("unreadable_frame", "badjpeg"), ("malformed_record", "99"),
+])
+def test_avqa_strict_fails_naming_id_and_reason(tmp_path, capsys, problem, where):
+    layout = _broken_avqa(str(tmp_path / "data"))
+    records = json.loads(open(os.path.join(layout.annotations, "avqa-train.json")).read())
+    keep = [r for r in records if r["video_id"] in ("good1", "good2") and r["question_id"] != 99
+            or str(r["question_id"]) == where or r["video_id"] == where]
+    with open(os.path.join(layout.annotations, "avqa-train.json"), "w") as f:
+        json.dump(keep, f)
+    out = tmp_path / "out"
+    assert run(musicavqa, layout.args(str(out), "train", "--strict")) == 1
+    err = capsys.readouterr().err
+    assert where in err and problem in err and "Traceback" not in err
+    # Nothing published: no index, and the aborted run removed the shards it had written.
+    assert not out.exists() or os.listdir(out) == []
+
+
+@pytest.mark.parametrize("flag,split,needle", [
+    ("--annotations", "train", "--annotations"),  # no such directory
+    (None, "test", "avqa-test.json"),               # the split's file is missing
+    ("--frames", "train", "--frames"),
+])
+def test_avqa_usage_errors_exit_2(tmp_path, capsys, flag, split, needle):
+    layout = media.make_avqa(str(tmp_path), {"train": AVQA_TRAIN[:1]})
+    argv = layout.args(str(tmp_path / "o"), split)
+    if flag:
+        argv[argv.index(flag) + 1] = str(tmp_path / "nowhere")
+    assert run(musicavqa, argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--max-shard-bytes", "lots"], ["--split", "dev"],
+                                  ["--num-frames", "0"]])
+def test_bad_flags_exit_2(tmp_path, capsys, argv):
+    layout = media.make_avqa(str(tmp_path), {"train": AVQA_TRAIN[:1]})
+    with pytest.raises(SystemExit) as exit_:
+        run(musicavqa, layout.args(str(tmp_path / "o")) + argv)
+    assert exit_.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_invalid_annotation_json_exit_2(tmp_path, capsys):
+    layout = media.make_avqa(str(tmp_path), {"train": AVQA_TRAIN[:1]})
+    with open(os.path.join(layout.annotations, "avqa-train.json"), "w") as f:
+        f.write("[{")
+    assert run(musicavqa, layout.args(str(tmp_path / "o"))) == 2
+    assert "avqa-train.json is not valid JSON" in capsys.readouterr().err
+
+
+# -- AVE ------------------------------------------------------------------------------------
+
+AVE_ROWS = [("Church bell", "vidA", "good", 2, 5), ("Dog bark", "vid-B", "good", 0, 10),
+            ("Church bell", "vidC", "bad", 7, 10),
+            ("Male speech, man speaking", "vidD", "good", 1, 3)]
+
+
+@pytest.mark.parametrize("header,workers", [(True, "0"), (False, "2")])
+def test_ave_labels_by_rule(tmp_path, header, workers):
+    layout = media.make_ave(str(tmp_path), AVE_ROWS, {"train": [1, 2], "test": [3]},
+                            header=header)
+    out = str(tmp_path / "train")
+    assert run(ave, layout.args(out, "train", "--workers", workers)) == 0
+    samples = read_back(out)
+    metas = [(s["meta"]["video_id"], s["meta"]["category_index"], s["meta"]["labels"])
+             for s in samples]
+    assert metas == [("vid-B", 1, [1] * 10), ("vidC", 0, [28] * 7 + [0] * 3)]
+    assert samples[0]["fbank"].shape == (10, 1, 102, 128)
+    index = shards.read_index(out)
+    assert index.extra["categories"] == ["Church bell", "Dog bark", "Male speech, man speaking"]
+    assert index.audio["window_seconds"] == 1.0 and index.audio["target_frames"] == 102
+    assert run(ave, layout.args(str(tmp_path / "test"), "test")) == 0
+    (test_sample,) = read_back(str(tmp_path / "test"))
+    assert test_sample["meta"]["labels"] == [28, 2, 2] + [28] * 7
+
+
+def test_ave_from_mp4(tmp_path):
+    layout = media.make_ave(str(tmp_path), AVE_ROWS[:3], {"val": [0, 1, 2]}, frames=False,
+                            mp4=True)
+    with open(os.path.join(layout.videos, "vidC.mp4"), "r+b") as f:
+        f.write(b"\0" * 4096)  # header destroyed
+    out = str(tmp_path / "val")
+    assert run(ave, layout.args(out, "val", mp4=True)) == 0
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert [(s["id"], s["reason"]) for s in report["skipped"]] == [("vidC", "unreadable_video")]
+    samples = read_back(out)
+    assert [s["meta"]["video_id"] for s in samples] == ["vidA", "vid-B"]
+    for sample in samples:
+        # Frame t comes from second t of the video (H.264 is lossy: loose tolerance).
+        expected = np.array([media.frame_color(t) for t in range(10)])
+        assert np.abs(frame_colors(sample["frames"]) - expected).max() < 12
+        # Silent for 5 s, then a tone: the audio landed at the right seconds, at 16 kHz.
+        loudest = sample["fbank"][:, 0, :90].amax(dim=(1, 2))  # frames 90+ may be padding
+        assert loudest[5:].min() > loudest[:5].max() + 2.0, loudest
+        assert sample["fbank"].shape == (10, 1, 102, 128)
+
+
+def test_ave_missing_media_and_flags(tmp_path, capsys):
+    layout = media.make_ave(str(tmp_path), AVE_ROWS[:3], {"train": [0, 1, 2]})
+    os.remove(os.path.join(layout.audio, "vidC.wav"))
+    with open(os.path.join(layout.splits, "trainSet.txt"), "a") as f:
+        f.write("Unknown thing&vidZ&good&0&10\nbroken row\n")
+    out = tmp_path / "out"
+    assert run(ave, layout.args(str(out))) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {(s["id"], s["reason"]) for s in report["skipped"]} == {
+        ("vidC", "missing_audio"), ("vidZ", "malformed_record"),
+        ("trainSet.txt:6", "malformed_record")}
+    assert run(ave, layout.args(str(out), "train", "--strict")) == 1
+    assert "--strict" in capsys.readouterr().err
+    argv = layout.args(str(out)) + ["--videos", layout.videos]
+    assert run(ave, argv) == 2
+    assert "--videos" in capsys.readouterr().err
+
+
+# -- crash safety ------------------------------------------------------------------------------
+
+def test_sigkill_keeps_previous_index_and_rerun_replaces(tmp_path):
+    records = [media.avqa_record(f"{i:08d}", i, "one") for i in range(40)]
+    layout = media.make_avqa(str(tmp_path / "data"), {"train": records}, frames_per_video=3,
+                             seconds=1.0)
+    out = tmp_path / "out"
+    argv = layout.args(str(out), "train", "--max-shard-bytes", "1")  # one sample per shard
+    assert run(musicavqa, argv) == 0
+    before_index = (out / "shards.json").read_bytes()
+    before = set(os.listdir(out))
+
+    def published_shards() -> set:
+        # (name, inode): a shard published under an existing name still shows up as new.
+        return {(n, os.stat(out / n).st_ino) for n in os.listdir(out)
+                if shards.SHARD_NAME.match(n)}
+
+    before_shards = published_shards()
+
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen([sys.executable, "-m", "sharding.musicavqa", *argv], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if published_shards() - before_shards:
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    left = set(os.listdir(out)) - before
+    assert left, "the killed run should have left a shard behind"
+    assert (out / "shards.json").read_bytes() == before_index
+    assert validate.validate(str(out)) == []  # every listed shard complete, checksums match
+    listed = {s.url for s in shards.read_index(str(out)).shards}
+    assert not listed & left
+
+    assert run(musicavqa, argv) == 0
+    index = shards.read_index(str(out))
+    assert index.total_samples == 40 and validate.validate(str(out)) == []
+    assert set(os.listdir(out)) == {s.url for s in index.shards} | {
+        "shards.json", "vocab.json", "report.json"}
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_split(tmp_path_factory):
+    """An AVE split with 3 shards (one clip each)."""
+    root = tmp_path_factory.mktemp("ave")
+    layout = media.make_ave(str(root), AVE_ROWS[:3], {"train": [0, 1, 2]})
+    assert run(ave, layout.args(str(root / "out"), "train", "--max-shard-bytes", "1")) == 0
+    return root / "out"
+
+
+def _truncate(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+
+
+def _flip_fbank_byte(path):
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".fbank.npy"))
+    with open(path, "r+b") as f:
+        f.seek(member.offset_data + 1000)
+        byte = f.read(1)
+        f.seek(member.offset_data + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage,ranks,workers,expected", [
+    (None, 1, 3, None),
+    (_truncate, 1, 1, "size is"),
+    (_flip_fbank_byte, 1, 1, "sha256 mismatch"),
+    (os.remove, 1, 1, "missing"),
+    (None, 2, 2, "4 readers"),
+])
+def test_validate(good_split, tmp_path, capsys, damage, ranks, workers, expected):
+    split = tmp_path / "split"
+    shutil.copytree(good_split, split)
+    target = shards.read_index(str(split)).shards[1].url
+    if damage is not None:
+        damage(str(split / target))
+    code = validate.main([str(split), "--ranks", str(ranks), "--loader-workers", str(workers)])
+    printed = capsys.readouterr().out
+    if expected is None:
+        assert code == 0 and printed.startswith("OK")
+        return
+    assert code == 1
+    problem_lines = [line for line in printed.splitlines() if expected in line]
+    assert problem_lines, printed
+    if damage is not None:  # the line names the damaged shard, and only that one
+        assert all(line.startswith(target) for line in printed.splitlines())
+    if damage is _truncate:
+        assert any("not a readable tar" in line for line in printed.splitlines())
+
+
+def test_validate_on_s3_names_the_shard(s3, good_split):
+    out = s3.make_bucket("validate-shards") + "/ave/train"
+    fs, path = storage.filesystem(out)
+    fs.put(str(good_split) + "/", path, recursive=True)
+    assert validate.validate(out) == []
+    name = shards.read_index(out).shards[0].url
+    data = (good_split / name).read_bytes()
+    fs.pipe_file(f"{path}/{name}", data[: len(data) // 3])
+    problems = validate.validate(out)
+    assert problems and all(p.startswith(name) for p in problems)
