@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import from_dict, to_dict
@@ -39,7 +40,8 @@ def adapter_config(model: AVPEAModel) -> dict[str, Any]:
 
 
 def save_adapters(model: AVPEAModel, directory: str | Path,
-                  extra: dict[str, Any] | None = None) -> Path:
+                  extra: dict[str, Any] | None = None,
+                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapters + head of `model` into `directory` (created if needed).
 
     Each file is written to a temporary name and renamed, so a crash leaves the previous files
@@ -49,6 +51,8 @@ def save_adapters(model: AVPEAModel, directory: str | Path,
         model: the model to save.
         directory: where `adapter_config.json` and `adapter_model.safetensors` go.
         extra: more JSON-able metadata for the config file (e.g. the metric it was chosen on).
+        tensors: save this trainable state (e.g. the best epoch's) instead of the model's current
+            one; it must have the same names.
 
     Returns:
         The directory.
@@ -56,7 +60,8 @@ def save_adapters(model: AVPEAModel, directory: str | Path,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model) | ({"extra": extra} if extra else {})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu()
+               for k, v in (tensors if tensors is not None else model.trainable_state_dict()).items()}
     _atomic(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
     _atomic(directory / CONFIG_NAME,
             lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)))

@@ -1,0 +1,148 @@
+"""TrainConfig: everything a training run needs, as one typed, resolvable config.
+
+    task      avqa | avel
+    model     ModelConfig   the frozen ViT and its adapters
+    head      dict          the task head's constructor arguments (hidden size, ...)
+    data      DataConfig    shard locations and the reader
+    optim     OptimConfig   AdamW, warm-up + cosine schedule, clipping, precision
+    run       RunConfig     Ray, storage, checkpoints, tracking
+
+Files (JSON or YAML) and `section.key=value` overrides resolve into it (see `avpea_ray.config`);
+the resolved config is saved with every run and checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ConfigError
+from ..model.config import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read.
+
+    Attributes:
+        train, val, test: shard directories/prefixes (local path or s3://...), each holding a
+            `shards.json`. An empty `test` skips the final test evaluation.
+        vocab: AVQA vocabularies (`vocab.json` from `sharding.musicavqa`); default: beside the
+            train shards.
+        batch_size: clips per rank per step.
+        eval_batch_size: clips per rank per evaluation step.
+        loader_workers: DataLoader worker processes per rank.
+        shuffle_buffer: samples held by each loader worker's shuffle buffer.
+        seed: the base seed of shuffling, initialisation and dropout.
+    """
+
+    train: str = ""
+    val: str = ""
+    test: str = ""
+    vocab: str = ""
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    loader_workers: int = 2
+    shuffle_buffer: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.loader_workers < 0:
+            raise ConfigError(f"data.loader_workers must be >= 0, got {self.loader_workers!r}")
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser and schedule (the paper: lr 3e-4 everywhere).
+
+    Attributes:
+        epochs: passes over the training split.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay (not applied to gates, norms and biases).
+        warmup_steps: linear warm-up from 0 to `lr`, then cosine decay to `min_lr_ratio * lr`.
+        grad_clip: max global gradient norm (0 turns clipping off).
+        precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
+    """
+
+    epochs: int = 10
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    precision: str = "auto"
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs must be a positive integer, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"optim.precision must be one of ['auto', 'bf16', 'fp32'], got {self.precision!r}")
+
+
+@dataclass
+class RunConfig:
+    """How and where the run executes.
+
+    Attributes:
+        name: the run's name; running the same name (and storage path) again resumes it.
+        storage_path: where Ray Train keeps checkpoints and results (local dir or s3://).
+        num_workers: Ray Train workers (DDP ranks).
+        use_gpu: one GPU per worker, NCCL; otherwise CPU and gloo.
+        cpus_per_worker: CPUs each worker reserves (fractions let a 2-core laptop run 2 workers
+            beside a driver).
+        checkpoint_every_steps: also checkpoint mid-epoch every this many steps (0: only at
+            epoch ends); the reader's position is inside, so a resume continues mid-epoch.
+        keep_checkpoints: how many checkpoints to keep, best by validation metric (the latest
+            is always kept too).
+        max_failures: worker-group restarts Ray Train attempts after a worker dies.
+        tracking_uri: MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else a sqlite file in
+            the storage path (or ./runs when storage is remote).
+        experiment: MLflow experiment name.
+        log_every_steps: per-step metrics cadence.
+        sample_ledger: write the sample ids each rank trains on per step (resume tests, audits).
+        fail_at_step: fault injection for tests: rank `fail_rank` kills itself once at this
+            global step (0: never).
+    """
+
+    name: str = ""
+    storage_path: str = "runs"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    tracking_uri: str = ""
+    experiment: str = "avpea-ray"
+    log_every_steps: int = 10
+    sample_ledger: bool = False
+    fail_at_step: int = 0
+    fail_rank: int = 0
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"run.num_workers must be >= 1, got {self.num_workers!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints!r}")
+        if not self.cpus_per_worker > 0:
+            raise ConfigError(f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: task, model, head, data, optimiser and run settings."""
+
+    task: str = "avqa"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.task not in ("avqa", "avel"):
+            raise ConfigError(f"task must be one of ['avqa', 'avel'], got {self.task!r}")

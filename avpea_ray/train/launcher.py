@@ -1,0 +1,265 @@
+"""Driver side of a training run: check everything, start Ray, fit, summarise, track.
+
+`run_training(cfg)` is what `jobs/avqa.py` and `jobs/avel.py` call. Every user error (bad
+shards, storage, tracking URI, a reduction factor that does not fit the backbone) is raised as
+a `ConfigError` naming the field before any Ray worker starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, to_dict
+from ..data import storage
+from ..data.shards import ShardIndexError, read_index
+from ..model.params import build_without_weights, count_parameters
+from .config import TrainConfig
+from .tasks import make_task
+from .tracking import (TrackingError, check_reachable, finish_run, flatten, resolve_tracking_uri,
+                       start_or_resume_run)
+
+
+@dataclass
+class Preflight:
+    """What the driver learned before starting workers."""
+
+    cfg: TrainConfig
+    head_kwargs: dict[str, Any]
+    parameter_counts: dict[str, int]
+    tracking_uri: str
+    split_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """A stable name, so running the same command again resumes the same run."""
+    backbone = cfg.model.backbone.split(".")[0]
+    return f"{cfg.task}-{backbone}-r{cfg.model.reduction_factor}-{cfg.model.adapters}"
+
+
+def preflight(cfg: TrainConfig) -> Preflight:
+    """Check shards, model, storage and tracking; resolve the run name and storage path.
+
+    Raises:
+        ConfigError: naming the field (data.train, model.reduction_factor, run.storage_path,
+            run.tracking_uri, ...) and what was expected.
+    """
+    run = cfg.run
+    storage_path = run.storage_path if "://" in run.storage_path else str(Path(run.storage_path).resolve())
+    cfg = replace(cfg, run=replace(run, name=run.name or default_run_name(cfg), storage_path=storage_path))
+
+    indexes = {}
+    for split in ("train", "val", "test"):
+        url = getattr(cfg.data, split)
+        if not url:
+            if split == "test":
+                continue
+            raise ConfigError(f"data.{split} is empty: give the {split} shards' directory or URL")
+        try:
+            indexes[split] = read_index(url)
+        except (ShardIndexError, FileNotFoundError, OSError) as err:
+            raise ConfigError(f"data.{split}: {err}") from err
+    for split, index in indexes.items():
+        if index.dataset != {"avqa": "musicavqa", "avel": "ave"}[cfg.task]:
+            raise ConfigError(f"data.{split}: shards hold dataset {index.dataset!r}, not what "
+                              f"task {cfg.task!r} trains on")
+        if index.num_frames != cfg.model.num_frames:
+            raise ConfigError(f"model.num_frames={cfg.model.num_frames} but the {split} shards hold "
+                              f"{index.num_frames} frames per clip")
+    try:
+        task = make_task(cfg.task, indexes["train"], cfg.data.vocab)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise ConfigError(f"data.vocab: {err}") from err
+    head_kwargs = task.head_kwargs() | cfg.head
+    try:
+        model = build_without_weights(cfg.model, cfg.task, head_kwargs)
+    except ValueError as err:
+        field_name = "model.reduction_factor" if "reduction_factor" in str(err) else "model/head"
+        raise ConfigError(f"{field_name}: {err}") from err
+    except RuntimeError as err:
+        raise ConfigError(f"model.backbone: {err}") from err
+    counts = count_parameters(model)
+
+    _check_storage(cfg.run.storage_path)
+    uri = resolve_tracking_uri(cfg.run.tracking_uri, cfg.run.storage_path)
+    try:
+        check_reachable(uri)
+    except TrackingError as err:
+        raise ConfigError(f"run.tracking_uri: {err}") from err
+    return Preflight(cfg, head_kwargs,
+                     {"adapter": counts.adapter, "head": counts.head, "backbone": counts.backbone,
+                      "trainable": counts.trainable, "total": counts.total},
+                     uri, {k: v.total_samples for k, v in indexes.items()})
+
+
+def _check_storage(path: str) -> None:
+    probe = storage.join(path, f".avpea-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        if "://" not in path:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        storage.atomic_write_bytes(probe, b"ok")
+        storage.remove(probe)
+    except Exception as err:  # noqa: BLE001 - any failure means the same to the user
+        raise ConfigError(f"run.storage_path {path!r} is not writable: {type(err).__name__}: {err}") from err
+
+
+def init_ray() -> str:
+    """Connect to the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start a
+    local Ray in this process. Returns a line saying which."""
+    import ray
+    if ray.is_initialized():
+        return "Ray: already initialised"
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or None, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}} if not address else None)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    where = f"cluster at {address}" if address else "a local Ray started in this process"
+    return f"Ray: {where} ({cpus:g} CPUs, {gpus:g} GPUs)"
+
+
+def run_training(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run to the end and return its summary.
+
+    Args:
+        cfg: the resolved config.
+        dry_run: one train and one eval batch end to end, under a throw-away run name, with
+            no MLflow run and no checkpoint kept.
+
+    Returns:
+        The summary: test (or best validation) metrics, majority baseline, MLflow run id,
+        the best adapters' path, timings.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    start = time.time()
+    checked = preflight(cfg)
+    cfg = checked.cfg
+    print(f"run: {cfg.run.name}  storage: {cfg.run.storage_path}  tracking: {checked.tracking_uri}")
+    print(f"shards: " + ", ".join(f"{k} {v} clips" for k, v in checked.split_sizes.items()))
+    print(f"parameters: adapters {checked.parameter_counts['adapter']:,}, head "
+          f"{checked.parameter_counts['head']:,}, frozen backbone {checked.parameter_counts['backbone']:,}")
+    print(init_ray())
+
+    name = f"{cfg.run.name}-dry-run-{uuid.uuid4().hex[:6]}" if dry_run else cfg.run.name
+    run_id = None
+    if not dry_run:
+        artifact_root = (str(Path(cfg.run.storage_path) / "mlflow-artifacts")
+                         if checked.tracking_uri.startswith("sqlite") and "://" not in cfg.run.storage_path else None)
+        params = flatten(to_dict(cfg)) | {f"params.{k}": v for k, v in checked.parameter_counts.items()}
+        run_id, resumed = start_or_resume_run(checked.tracking_uri, cfg.run.experiment,
+                                              f"{cfg.run.storage_path}/{cfg.run.name}", cfg.run.name,
+                                              params, artifact_root)
+        print(f"MLflow run {run_id} ({'continued' if resumed else 'new'})")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "dry_run": dry_run,
+                           "mlflow": {"uri": checked.tracking_uri, "run_id": run_id}},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=cfg.run.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                               checkpoint_score_attribute="val_score",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=0 if dry_run else cfg.run.max_failures)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        if run_id:
+            finish_run(checked.tracking_uri, run_id, [], status="FAILED")
+        raise
+    metrics = dict(result.metrics or {})
+    summary = _summary(cfg, checked, metrics, run_id, result.checkpoint, time.time() - start, dry_run)
+    if run_id:
+        _finish_tracking(checked.tracking_uri, run_id, cfg, summary, result.checkpoint)
+    return summary
+
+
+def _summary(cfg: TrainConfig, checked: Preflight, metrics: dict, run_id: str | None,
+             checkpoint, seconds: float, dry_run: bool) -> dict[str, Any]:
+    split = "test" if any(k.startswith("test_") for k in metrics) else "val"
+    scores = {k.removeprefix(f"{split}_"): v for k, v in metrics.items() if k.startswith(f"{split}_")}
+    summary: dict[str, Any] = {
+        "task": cfg.task, "run_name": cfg.run.name, "dry_run": dry_run, "evaluated_on": split,
+        "best_epoch": metrics.get("best_epoch"), "best_val_score": metrics.get("val_score"),
+        "metrics": scores, "mlflow_run_id": run_id, "mlflow_tracking_uri": checked.tracking_uri,
+        "checkpoint": f"{checkpoint.path}/best_adapters" if checkpoint and not dry_run else None,
+        "parameters": checked.parameter_counts, "seconds": round(seconds, 1),
+    }
+    if cfg.task == "avqa":
+        summary["overall_acc"] = scores.get("overall")
+        summary["majority_acc"] = scores.get("majority_acc")
+        summary["accuracies"] = {k: v for k, v in scores.items() if k not in ("overall", "majority_acc")}
+    else:
+        summary["accuracy"] = scores.get("accuracy")
+    return summary
+
+
+def _finish_tracking(uri: str, run_id: str, cfg: TrainConfig, summary: dict, checkpoint) -> None:
+    """Artifacts: resolved config, summary, per-type accuracy plot, the best adapter files."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        artifacts = [(str(folder / "config.json"), None), (str(folder / "summary.json"), None)]
+        plot = accuracy_plot(summary, folder / "accuracy_per_type.png")
+        if plot:
+            artifacts.append((str(plot), None))
+        final_metrics = {f"final_{k}": v for k, v in summary["metrics"].items()}
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                best = Path(directory) / "best_adapters"
+                if best.exists():
+                    artifacts.append((str(best), "adapters"))
+                finish_run(uri, run_id, artifacts, final_metrics)
+        else:
+            finish_run(uri, run_id, artifacts, final_metrics)
+
+
+def accuracy_plot(summary: dict, path: Path) -> Path | None:
+    """A bar chart of the accuracy per question type (AVQA) with the majority baseline."""
+    accuracies = summary.get("accuracies")
+    if not accuracies:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(accuracies)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
+    ax.bar(range(len(names)), [accuracies[n] for n in names], color="#4C72B0")
+    if summary.get("majority_acc") is not None:
+        ax.axhline(summary["majority_acc"], color="#C44E52", linestyle="--", label="majority answer")
+        ax.legend(loc="lower right")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(f"{summary['evaluated_on']} accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{summary['run_name']}: overall {summary.get('overall_acc') or 0:.1f}%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_summary(summary: dict) -> str:
+    """The table a job prints at the end."""
+    lines = [f"{'metric':<28}{summary['evaluated_on']:>10}"]
+    lines += [f"{k:<28}{v:>10.2f}" for k, v in summary["metrics"].items()]
+    lines.append("")
+    if summary.get("checkpoint"):
+        lines.append(f"best adapters:  {summary['checkpoint']}")
+    if summary.get("mlflow_run_id"):
+        lines.append(f"MLflow run:     {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
+    lines.append(f"took {summary['seconds']:.0f} s")
+    return "\n".join(lines)

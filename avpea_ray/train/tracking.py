@@ -1,0 +1,141 @@
+"""MLflow tracking: one MLflow run per training run, continued (never duplicated) on resume.
+
+The driver finds or creates the run (tagged with the run's storage path and name), logs the
+flattened resolved config as params, and hands the run id to the workers; rank 0 logs step and
+epoch metrics into it by id (no `start_run` in workers, so nothing is left RUNNING by a crash
+but the run itself, which the resumed job continues and ends).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_KEY_TAG = "avpea.run_key"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message names the URI."""
+
+
+def resolve_tracking_uri(configured: str, storage_path: str) -> str:
+    """The tracking URI: the config's, else $MLFLOW_TRACKING_URI, else a local sqlite store
+    in the storage path (or ./runs when storage is remote)."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    local = storage_path if "://" not in storage_path else "runs"
+    return f"sqlite:///{Path(local).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast (seconds, not minutes of retries) if the tracking store cannot be used."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"MLflow store {uri!r}: cannot create {folder}: {err}") from err
+        return
+    if uri.startswith(("http://", "https://")):
+        import requests
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as err:
+            raise TrackingError(f"MLflow tracking server {uri!r} is not reachable "
+                                f"(run.tracking_uri / MLFLOW_TRACKING_URI): {err}") from err
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'reduction_factor': 8}} -> {'model.reduction_factor': 8}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str,
+                        params: dict[str, Any], artifact_root: str | None = None) -> tuple[str, bool]:
+    """Find the MLflow run of this training run, or create it and log its params.
+
+    Args:
+        uri: tracking URI.
+        experiment: experiment name (created if missing).
+        run_key: what identifies the training run (storage path + name).
+        run_name: MLflow's display name.
+        params: flattened config and parameter counts (logged once, at creation).
+        artifact_root: where a new experiment keeps artifacts (local stores).
+
+    Returns:
+        (run id, whether it already existed).
+    """
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=artifact_root)
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                  max_results=1)
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key})
+    from mlflow.entities import Param
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    return run.info.run_id, False
+
+
+class MetricLogger:
+    """Logs metrics into an existing run by id (rank 0 only; a no-op elsewhere)."""
+
+    def __init__(self, uri: str, run_id: str | None, enabled: bool):
+        self.enabled = enabled and bool(run_id)
+        self.run_id = run_id
+        self.client = _client(uri) if self.enabled else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        batch = [Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def _metric_name(name: str) -> str:
+    # MLflow metric names allow letters, digits, _ - . space / : only.
+    return "".join(c if c.isalnum() or c in "_-./ :" else "_" for c in name)
+
+
+def finish_run(uri: str, run_id: str, artifacts: list[tuple[str, str | None]],
+               metrics: dict[str, float] | None = None, status: str = "FINISHED") -> None:
+    """Log final metrics and artifacts, then mark the run ended.
+
+    Args:
+        artifacts: (local path, artifact sub-directory or None) pairs; directories are
+            logged whole.
+    """
+    client = _client(uri)
+    if metrics:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(_metric_name(k), float(v), now, 0)
+                                          for k, v in metrics.items()])
+    for path, sub in artifacts:
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, path, sub)
+        else:
+            client.log_artifact(run_id, path, sub)
+    client.set_terminated(run_id, status)

@@ -1,0 +1,41 @@
+"""Train AV-PEA on audio-visual event localisation (AVE) with Ray Train.
+
+    python -m sharding.ave --annotations AVE/Annotations.txt --splits AVE --videos AVE/videos \\
+        --out s3://bucket/avpea/ave/train --split train             # (and val, test)
+    python jobs/avel.py --config configs/avel_vit_b16.yaml --num-workers 8 --use-gpu \\
+        --storage-path s3://bucket/runs --run-name avel-b16
+    ray job submit --working-dir . -- python jobs/avel.py --config ...   # on a Ray cluster
+
+Running the same --run-name (and storage path) again resumes that run where it stopped.
+Scores follow the CMBS rule; the test score is from the epoch chosen on validation.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+
+from avpea_ray.config import ConfigError  # noqa: E402
+from avpea_ray.train.cli import fail, parse_job_args, resolve_config, write_summary  # noqa: E402
+from avpea_ray.train.launcher import format_summary, run_training  # noqa: E402
+
+
+def main(argv=None) -> int:
+    args = parse_job_args(__doc__, argv)
+    try:
+        cfg, _ = resolve_config(args, {"task": "avel"})
+        if cfg.task != "avel":
+            raise ConfigError(f"task: jobs/avel.py trains task 'avel', the config says {cfg.task!r}")
+        summary = run_training(cfg, dry_run=args.dry_run)
+    except ConfigError as err:
+        return fail(err)
+
+    if args.dry_run:
+        print("dry run ok: one train and one eval batch ran end to end; storage and tracking are reachable")
+        return 0
+    print(format_summary(summary))
+    write_summary(summary, args.summary_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
