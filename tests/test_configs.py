@@ -1,0 +1,187 @@
+"""The shipped configs and cluster.yaml: they resolve, and they say what the paper says.
+
+Fast: configs are only parsed, and models are built on the meta device (shapes, no weights, no
+download).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from avpea_ray.config import load_config, to_dict
+from avpea_ray.model.audio import AudioConfig
+from avpea_ray.model.params import build_without_weights, count_parameters
+from avpea_ray.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+CLUSTER = ROOT / "cluster.yaml"
+DOCS = ROOT / "docs" / "cluster.md"
+
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*") if p.suffix in (".yaml", ".yml", ".json"))
+
+VIT_B = "vit_base_patch16_224.augreg_in21k"
+VIT_L = "vit_large_patch16_224.augreg_in21k"
+# The audio front ends the sharders write (and record in shards.json): sharding.musicavqa uses
+# AudioConfig()'s defaults, sharding.ave its 1 s / 102-frame variant.
+AVQA_AUDIO = {"window_seconds": 1.95, "target_frames": 192, "num_mel_bins": 128,
+              "mean": -4.1426, "std": 3.2001}
+AVE_AUDIO = {"window_seconds": 1.0, "target_frames": 102, "num_mel_bins": 128,
+             "mean": -4.1426, "std": 3.2001}
+
+# file -> (task, backbone, audio front end, the paper's headline number quoted in its header)
+PAPER = {
+    "avqa_vit_b16.yaml": ("avqa", VIT_B, AVQA_AUDIO, "74.90"),
+    "avqa_vit_l16.yaml": ("avqa", VIT_L, AVQA_AUDIO, "75.27"),
+    "avel_vit_b16.yaml": ("avel", VIT_B, AVE_AUDIO, "75.65"),
+    "avel_vit_l16.yaml": ("avel", VIT_L, AVE_AUDIO, "79.90"),
+}
+# Adapter parameters with both streams adapted at r = 8 (paper: 3.7M / 12.9M; exact counts in
+# reference.md section 1).
+ADAPTER_PARAMS = {VIT_B: 3_654_192, VIT_L: 12_890_208}
+BACKBONE_WIDTH = {VIT_B: 768, VIT_L: 1024}
+
+
+def _ids(paths):
+    return [p.name for p in paths]
+
+
+def _head_kwargs(cfg: TrainConfig) -> dict:
+    return {"vocab_size": 100, **cfg.head} if cfg.task == "avqa" else {**cfg.head}
+
+
+def test_the_paper_configs_are_there():
+    assert set(PAPER) <= {p.name for p in CONFIG_FILES}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=_ids(CONFIG_FILES))
+def test_config_resolves(path):
+    cfg = load_config(TrainConfig, path)
+    assert cfg.task in ("avqa", "avel")
+    to_dict(cfg)  # what every run saves
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_settings(name):
+    task, backbone, audio, paper_number = PAPER[name]
+    path = CONFIG_DIR / name
+    cfg = load_config(TrainConfig, path)
+    assert cfg.task == task
+    assert cfg.model.backbone == backbone
+    assert cfg.model.weights == "timm"
+    assert cfg.model.reduction_factor == 8
+    assert cfg.model.adapters == "both"
+    assert cfg.model.cross_attention is True
+    assert cfg.model.gating == "learned"
+    assert cfg.model.num_frames == 10
+    assert cfg.model.image_size == 224
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    got_audio = {k: getattr(cfg.model.audio, k) for k in audio}
+    assert got_audio == pytest.approx(audio)
+    # The header says what it reproduces and the paper's number.
+    assert paper_number in path.read_text()
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_audio_matches_the_sharder(name):
+    """model.audio must describe the fbank windows the sharder writes."""
+    cfg = load_config(TrainConfig, CONFIG_DIR / name)
+    if cfg.task == "avqa":
+        expected = AudioConfig()  # sharding.musicavqa
+    else:
+        from sharding.ave import AUDIO as expected
+    assert cfg.model.audio == expected
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_cluster_run_settings(name):
+    cfg = load_config(TrainConfig, CONFIG_DIR / name)
+    assert cfg.run.use_gpu is True
+    assert cfg.run.num_workers == 8
+    assert cfg.run.keep_checkpoints == 3
+    assert cfg.run.checkpoint_every_steps > 0
+    assert cfg.run.storage_path.startswith("s3://")
+    for split in ("train", "val", "test"):
+        assert getattr(cfg.data, split).startswith("s3://"), split
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=_ids(CONFIG_FILES))
+def test_reduction_factor_divides_backbone_width(path):
+    cfg = load_config(TrainConfig, path)
+    model = build_without_weights(cfg.model, cfg.task, _head_kwargs(cfg))
+    assert model.trunk.dim % cfg.model.reduction_factor == 0
+    if cfg.model.backbone in BACKBONE_WIDTH:
+        assert model.trunk.dim == BACKBONE_WIDTH[cfg.model.backbone]
+    if cfg.model.backbone in ADAPTER_PARAMS and cfg.model.adapters == "both" \
+            and cfg.model.reduction_factor == 8:
+        assert count_parameters(model).adapter == ADAPTER_PARAMS[cfg.model.backbone]
+
+
+# -- cluster.yaml ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    return yaml.safe_load(CLUSTER.read_text())
+
+
+def test_cluster_yaml_is_a_ray_launcher_config(cluster):
+    """Ray's own defaults-filling and schema check, as `ray up` runs them (no AWS calls)."""
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    assert cluster["provider"]["type"] == "aws"
+    validate_config(prepare_config(cluster))
+
+
+def test_cluster_node_types(cluster):
+    types = cluster["available_node_types"]
+    head = cluster["head_node_type"]
+    assert head in types
+    head_cfg = types[head]["node_config"]
+    assert "InstanceMarketOptions" not in head_cfg, "the head must be on-demand"
+    assert not types[head]["resources"].get("GPU")
+    assert head_cfg["InstanceType"][0] not in "gp", "the head needs no GPU"
+
+    workers = {name: t for name, t in types.items() if name != head}
+    # AWS GPU families are g* and p* (g5, g6e, p4d, p5...); or GPUs declared explicitly.
+    gpu = {n: t for n, t in workers.items()
+           if t["node_config"]["InstanceType"][0] in "gp" or t["resources"].get("GPU")}
+    assert gpu, "no GPU worker type"
+    assert any(t.get("max_workers", 0) >= 1 for t in gpu.values())
+
+    on_demand = {n: t for n, t in workers.items() if t["resources"].get("on_demand")}
+    assert on_demand, "no worker type carries the on_demand custom resource"
+    for name, t in on_demand.items():
+        assert "InstanceMarketOptions" not in t["node_config"], f"{name} must not be spot"
+
+
+def test_cluster_installs_the_project_with_the_lock(cluster):
+    mounts = cluster["file_mounts"]
+    assert mounts.get("~/avpea-ray") == "."
+    commands = " && ".join(cluster["setup_commands"])
+    assert "-c requirements.lock" in commands or "--constraint requirements.lock" in commands
+    assert "-e ." in commands and "~/avpea-ray" in commands
+
+
+def test_cluster_token_auth(cluster):
+    """Every node starts with token auth and gets the token through file_mounts."""
+    assert "~/.ray/auth_token" in cluster["file_mounts"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(cluster[key])
+        assert "RAY_AUTH_MODE=token" in start, key
+        assert "RAY_AUTH_MODE=disabled" not in start, key
+
+
+# -- docs/cluster.md --------------------------------------------------------------------------
+
+def test_docs_cover_every_paper_config():
+    text = DOCS.read_text()
+    assert "not measured" in text  # the paper's numbers are labelled as such
+    for name, (_, _, _, number) in PAPER.items():
+        assert name in text and number in text, name
+    for split in ("musicavqa/train", "musicavqa/val", "musicavqa/test",
+                  "ave/train", "ave/val", "ave/test"):
+        assert f"s3://YOUR-BUCKET/avpea/{split}" in text, split
+    assert "python -m sharding.validate" in text and "--ranks 8 --loader-workers 4" in text
