@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
 from avpea_ray.config import ConfigError  # noqa: E402
-from avpea_ray.train.cli import fail, parse_job_args, resolve_config, write_summary  # noqa: E402
-from avpea_ray.train.launcher import format_summary, run_training  # noqa: E402
+from avpea_ray.train.cli import fail, parse_job_args, report, resolve_config  # noqa: E402
+from avpea_ray.train.launcher import run_training  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,11 +29,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         return fail(err)
 
-    if args.dry_run:
-        print("dry run ok: one train and one eval batch ran end to end; storage and tracking are reachable")
-        return 0
-    print(format_summary(summary))
-    write_summary(summary, args.summary_json)
+    report(summary, args)
     return 0
 
 

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from avpea_ray.config import ConfigError  # noqa: E402
 from avpea_ray.train.cli import (DEMO_AVQA, ensure_demo_data, fail, parse_job_args,  # noqa: E402
-                                 resolve_config, write_summary)
-from avpea_ray.train.launcher import format_summary, run_training  # noqa: E402
+                                 report, resolve_config)
+from avpea_ray.train.launcher import run_training  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,14 +32,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         return fail(err)
 
-    if args.dry_run:
-        print("dry run ok: one train and one eval batch ran end to end; storage and tracking are reachable")
-        return 0
-    print(format_summary(summary))
-    if summary.get("majority_acc") is not None:
-        print(f"overall accuracy {summary['overall_acc']:.2f}% vs. always answering the most "
-              f"frequent train answer {summary['majority_acc']:.2f}%")
-    write_summary(summary, args.summary_json)
+    report(summary, args)
     return 0
 
 

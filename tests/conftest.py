@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1 for the whole session."""
+"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1, small synthetic AVQA
+shards, and a local Ray."""
 from __future__ import annotations
 
 import logging
@@ -64,3 +65,31 @@ def s3():
             else:
                 os.environ[key] = value
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def avqa_shards(tmp_path_factory) -> dict[str, str]:
+    """A small synthetic MUSIC-AVQA split set, sharded into several shards per split."""
+    from sharding import musicavqa, synth
+
+    root = tmp_path_factory.mktemp("avqa")
+    release = root / "release"
+    synth.main(["--out", str(release), "--videos-train", "128", "--videos-val", "32",
+                "--videos-test", "32", "--seconds", "4", "--frame-size", "32", "--seed", "3"])
+    out = {}
+    for split in ("train", "val", "test"):
+        out[split] = str(root / "shards" / split)
+        assert musicavqa.main(["--annotations", str(release), "--frames", str(release / "frames"),
+                               "--audio", str(release / "audio"), "--out", out[split], "--split", split,
+                               "--num-frames", "4", "--image-size", "32", "--max-shard-bytes", "3MiB",
+                               "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one test module (a module that runs `ray start`/`ray stop` has none)."""
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -1,5 +1,5 @@
 """Training on Ray end to end: DDP learns, a killed worker resumes exactly, MLflow (sqlite and
-a real `mlflow server`), `ray start --head` + `ray job submit`, and bad input before workers."""
+a real `mlflow server`), AVE, and bad input refused before any worker starts."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from avpea_ray.config import ConfigError
 from avpea_ray.train.cli import parse_job_args, resolve_config
 from avpea_ray.train.launcher import preflight
+from tests.toy import train_overrides as _overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -28,48 +28,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, str]:
-    """A small synthetic MUSIC-AVQA split set, sharded into several shards per split."""
-    from sharding import musicavqa, synth
-
-    root = tmp_path_factory.mktemp("avqa")
-    release = root / "release"
-    synth.main(["--out", str(release), "--videos-train", "128", "--videos-val", "32",
-                "--videos-test", "32", "--seconds", "4", "--frame-size", "32", "--seed", "3"])
-    out = {}
-    for split in ("train", "val", "test"):
-        out[split] = str(root / "shards" / split)
-        assert musicavqa.main(["--annotations", str(release), "--frames", str(release / "frames"),
-                               "--audio", str(release / "audio"), "--out", out[split], "--split", split,
-                               "--num-frames", "4", "--image-size", "32", "--max-shard-bytes", "3MiB",
-                               "--no-progress"]) == 0
-    return out
-
-
-def _overrides(shards: dict[str, str], storage: Path, **extra) -> list[str]:
-    base = {
-        "model.backbone": "vit_base_patch16_224", "model.weights": "random", "model.image_size": 32,
-        "model.num_frames": 4, "model.backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32},
-        "head.hidden": 64, "data.train": shards["train"], "data.val": shards["val"], "data.test": shards["test"],
-        "data.batch_size": 4, "data.eval_batch_size": 8, "data.loader_workers": 1, "data.shuffle_buffer": 16,
-        "optim.lr": 4e-3, "optim.warmup_steps": 5, "run.storage_path": str(storage),
-        "run.cpus_per_worker": 0.5, "run.log_every_steps": 2,
-    } | extra
-    return [f"{k}={json.dumps(v)}" for k, v in base.items()]
-
-
 def _config(shards, storage, **extra):
     """The resolved TrainConfig the job would build from these overrides."""
     return resolve_config(parse_job_args("", _overrides(shards, storage, **extra)), None)[0]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _ledger(storage: Path, name: str) -> dict[tuple[int, int, int], list[str]]:
@@ -83,12 +44,12 @@ def _ledger(storage: Path, name: str) -> dict[tuple[int, int, int], list[str]]:
     return batches
 
 
-def test_two_worker_ddp_learns_and_tracks(shards, tmp_path, ray_local):
+def test_two_worker_ddp_learns_and_tracks(avqa_shards, tmp_path, ray_local):
     from mlflow.tracking import MlflowClient
 
     from avpea_ray.train.launcher import run_training
 
-    cfg = _config(shards, tmp_path, **{"run.num_workers": 2, "run.name": "ddp", "optim.epochs": 8})
+    cfg = _config(avqa_shards, tmp_path, **{"run.num_workers": 2, "run.name": "ddp", "optim.epochs": 8})
     summary = run_training(cfg)
     assert summary["majority_acc"] is not None
     assert summary["overall_acc"] > summary["majority_acc"] + 15, summary
@@ -109,13 +70,13 @@ def test_two_worker_ddp_learns_and_tracks(shards, tmp_path, ray_local):
     assert Path(summary["checkpoint"], "adapter_model.safetensors").exists()
 
 
-def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(shards, tmp_path, ray_local):
+def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(avqa_shards, tmp_path, ray_local):
     from avpea_ray.train.launcher import run_training
 
     common = {"run.num_workers": 2, "optim.epochs": 2, "run.sample_ledger": True,
               "run.checkpoint_every_steps": 4, "data.test": ""}
-    clean = run_training(_config(shards, tmp_path, **common, **{"run.name": "clean"}))
-    crashed = run_training(_config(shards, tmp_path, **common, **{"run.name": "crashed", "run.fail_at_step": 14,
+    clean = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "clean"}))
+    crashed = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "crashed", "run.fail_at_step": 14,
                                                                    "run.fail_rank": 1}))
     assert (tmp_path / "crashed" / "failure-injected-at-14").exists()  # it did die
     clean_batches, crashed_batches = _ledger(tmp_path, "clean"), _ledger(tmp_path, "crashed")
@@ -128,7 +89,7 @@ def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(shards, t
     assert crashed["best_val_score"] == pytest.approx(clean["best_val_score"], abs=1e-6)
 
 
-def test_mlflow_server_and_driver_restart_continue_one_run(shards, tmp_path, ray_local, monkeypatch):
+def test_mlflow_server_and_driver_restart_continue_one_run(avqa_shards, tmp_path, ray_local, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from avpea_ray.train.launcher import run_training
@@ -149,10 +110,10 @@ def test_mlflow_server_and_driver_restart_continue_one_run(shards, tmp_path, ray
             except requests.RequestException:
                 time.sleep(0.5)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        first = run_training(_config(shards, tmp_path, **{"run.name": "restart", "optim.epochs": 1,
+        first = run_training(_config(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 1,
                                                            "data.test": ""}))
         # The driver comes back (same name and storage) and trains one more epoch.
-        second = run_training(_config(shards, tmp_path, **{"run.name": "restart", "optim.epochs": 2,
+        second = run_training(_config(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 2,
                                                             "data.test": ""}))
         assert first["mlflow_tracking_uri"] == uri and second["mlflow_run_id"] == first["mlflow_run_id"]
         client = MlflowClient(uri)
@@ -166,26 +127,6 @@ def test_mlflow_server_and_driver_restart_continue_one_run(shards, tmp_path, ray
         server.wait(timeout=30)
 
 
-def test_ray_job_submit_dry_run(shards, tmp_path):
-    port, dashboard = _free_port(), _free_port()
-    env = os.environ | {"PATH": f"{PYTHON_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    ray = f"{PYTHON_BIN}/ray"
-    subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-                    "--num-cpus=2", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
-    try:
-        overrides = _overrides(shards, tmp_path, **{"run.name": "submitted"})
-        result = subprocess.run(
-            [ray, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-             "--", "python", "jobs/avqa.py", "--dry-run", *overrides],
-            env=env, capture_output=True, text=True, timeout=400)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert "Ray: cluster at" in result.stdout
-        assert "dry run ok" in result.stdout
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
-
-
 @pytest.mark.parametrize("extra,message", [
     ({"model.reduction_factr": 8}, "unknown config key model.reduction_factr"),
     ({"optim.lr": "fast"}, "optim.lr must be a number"),
@@ -194,13 +135,39 @@ def test_ray_job_submit_dry_run(shards, tmp_path):
     ({"run.tracking_uri": "http://127.0.0.1:9"}, "run.tracking_uri: MLflow tracking server"),
     ({"data.val": "/nonexistent/val"}, "data.val"),
 ])
-def test_bad_input_is_refused_before_any_worker(shards, tmp_path, extra, message):
+def test_bad_input_is_refused_before_any_worker(avqa_shards, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        preflight(_config(shards, tmp_path, **extra))
+        preflight(_config(avqa_shards, tmp_path, **extra))
 
 
-def test_job_reports_bad_input_without_traceback(shards, tmp_path):
-    result = subprocess.run([sys.executable, "jobs/avqa.py", *_overrides(shards, tmp_path),
+def test_job_reports_bad_input_without_traceback(avqa_shards, tmp_path):
+    result = subprocess.run([sys.executable, "jobs/avqa.py", *_overrides(avqa_shards, tmp_path),
                              "model.reduction_factor=5"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert "error: model.reduction_factor" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_avel_job_trains_and_reports_per_class(tmp_path, ray_local):
+    from mlflow.tracking import MlflowClient
+
+    from avpea_ray.train.launcher import run_training
+    from sharding import ave
+    from tests import media
+
+    categories = ["Church bell", "Dog bark", "Male speech, man speaking"]
+    rows = [(categories[i % 3], f"clip{i}", "good", i % 4, 10 - i % 3) for i in range(8)]
+    layout = media.make_ave(str(tmp_path / "ave"), rows, {"train": list(range(6)), "val": [6, 7]})
+    for split in ("train", "val"):
+        assert ave.main(["--annotations", layout.annotations, "--splits", layout.splits,
+                         "--frames", layout.frames, "--audio", layout.audio, "--out", str(tmp_path / split),
+                         "--split", split, "--num-frames", "10", "--image-size", "32", "--no-progress"]) == 0
+    cfg = resolve_config(parse_job_args("", [
+        *_overrides({"train": str(tmp_path / "train"), "val": str(tmp_path / "val"), "test": ""}, tmp_path,
+                    **{"task": "avel", "model.num_frames": 10, "model.audio.window_seconds": 1.0,
+                       "model.audio.target_frames": 102, "head.hidden": 32, "data.batch_size": 2,
+                       "optim.epochs": 2, "run.name": "ave"})]), None)[0]
+    summary = run_training(cfg)
+    assert 0 <= summary["accuracy"] <= 100 and summary["evaluated_on"] == "val"
+    assert set(summary["accuracies"]) <= set(categories) | {"background"}
+    run = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
+    assert "val_accuracy" in run.data.metrics and "val_background" in run.data.metrics

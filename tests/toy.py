@@ -1,6 +1,8 @@
 """Tiny models for tests: depth-2, width-64 ViTs at 32 px with random weights."""
 from __future__ import annotations
 
+import json
+
 import timm
 import torch
 
@@ -39,3 +41,16 @@ def clip_batch(batch: int = 2, steps: int = 2, seed: int = 1):
     frames = torch.randint(0, 256, (batch, steps, 3, 32, 32), generator=gen, dtype=torch.uint8)
     fbank = torch.randn(batch, steps, 1, 48, 32, generator=gen)
     return frames, fbank
+
+
+def train_overrides(shards: dict[str, str], storage, **extra) -> list[str]:
+    """`section.key=value` overrides of a tiny 2-layer ViT run on the test shards."""
+    base = {
+        "model.backbone": "vit_base_patch16_224", "model.weights": "random", "model.image_size": 32,
+        "model.num_frames": 4, "model.backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32},
+        "head.hidden": 64, "data.train": shards["train"], "data.val": shards["val"], "data.test": shards["test"],
+        "data.batch_size": 4, "data.eval_batch_size": 8, "data.loader_workers": 1, "data.shuffle_buffer": 16,
+        "optim.lr": 4e-3, "optim.warmup_steps": 5, "run.storage_path": str(storage),
+        "run.cpus_per_worker": 0.5, "run.log_every_steps": 2,
+    } | extra
+    return [f"{k}={json.dumps(v)}" for k, v in base.items()]

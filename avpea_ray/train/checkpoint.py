@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Progress:
     global_step: int = 0
     best_score: float = float("-inf")
     best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)  # validation metrics of the best epoch
 
 
 def rng_state() -> dict[str, Any]:

@@ -81,16 +81,27 @@ def ensure_demo_data(image_size: int) -> None:
         print(f"demo data: sharding the {split} split into {out}")
         code = musicavqa.main(["--annotations", str(release), "--frames", str(release / "frames"),
                                "--audio", str(release / "audio"), "--out", str(out),
-                               "--split", split, "--image-size", str(image_size), "--no-progress"])
+                               "--split", split, "--image-size", str(image_size),
+                               "--max-shard-bytes", "16MiB", "--no-progress"])
         if code:
             raise SystemExit(f"demo data: sharding the {split} split failed (exit {code})")
 
 
-def write_summary(summary: dict, path: str | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(summary, indent=2))
-        print(f"summary written to {path}")
+def report(summary: dict, args: argparse.Namespace) -> None:
+    """Print the run's result table (or the dry run's verdict) and write --summary-json."""
+    from .launcher import format_summary
+
+    if args.dry_run:
+        print("dry run ok: one train and one eval batch ran end to end; storage and tracking are reachable")
+        return
+    print(format_summary(summary))
+    if summary.get("majority_acc") is not None:
+        print(f"overall accuracy {summary['overall_acc']:.2f}% vs. always answering the most "
+              f"frequent train answer {summary['majority_acc']:.2f}%")
+    if args.summary_json:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+        print(f"summary written to {args.summary_json}")
 
 
 def fail(err: Exception) -> int:
@@ -99,5 +110,5 @@ def fail(err: Exception) -> int:
     return 2
 
 
-__all__ = ["ConfigError", "DEMO_AVQA", "ensure_demo_data", "fail", "parse_job_args",
-           "resolve_config", "to_dict", "write_summary"]
+__all__ = ["ConfigError", "DEMO_AVQA", "ensure_demo_data", "fail", "parse_job_args", "report",
+           "resolve_config", "to_dict"]

@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,12 @@ def preflight(cfg: TrainConfig) -> Preflight:
         ConfigError: naming the field (data.train, model.reduction_factor, run.storage_path,
             run.tracking_uri, ...) and what was expected.
     """
-    run = cfg.run
-    storage_path = run.storage_path if "://" in run.storage_path else str(Path(run.storage_path).resolve())
-    cfg = replace(cfg, run=replace(run, name=run.name or default_run_name(cfg), storage_path=storage_path))
+    # Ray workers run in their own working directories: local paths must be absolute.
+    run, data = cfg.run, cfg.data
+    local_paths = {name: _absolute(getattr(data, name)) for name in ("train", "val", "test", "vocab")}
+    cfg = replace(cfg, data=replace(data, **local_paths),
+                  run=replace(run, name=run.name or default_run_name(cfg),
+                              storage_path=_absolute(run.storage_path)))
 
     indexes = {}
     for split in ("train", "val", "test"):
@@ -71,6 +74,10 @@ def preflight(cfg: TrainConfig) -> Preflight:
         if index.num_frames != cfg.model.num_frames:
             raise ConfigError(f"model.num_frames={cfg.model.num_frames} but the {split} shards hold "
                               f"{index.num_frames} frames per clip")
+        for key, value in asdict(cfg.model.audio).items():
+            if index.audio.get(key) != value:  # the spectrograms were computed when sharding
+                raise ConfigError(f"model.audio.{key}={value!r} but the {split} shards were made "
+                                  f"with {key}={index.audio.get(key)!r}")
     try:
         task = make_task(cfg.task, indexes["train"], cfg.data.vocab)
     except (FileNotFoundError, KeyError, ValueError) as err:
@@ -97,6 +104,10 @@ def preflight(cfg: TrainConfig) -> Preflight:
                      uri, {k: v.total_samples for k, v in indexes.items()})
 
 
+def _absolute(path: str) -> str:
+    return path if not path or "://" in path else str(Path(path).resolve())
+
+
 def _check_storage(path: str) -> None:
     probe = storage.join(path, f".avpea-write-probe-{uuid.uuid4().hex[:8]}")
     try:
@@ -119,8 +130,58 @@ def init_ray() -> str:
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}} if not address else None)
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
-    where = f"cluster at {address}" if address else "a local Ray started in this process"
+    # Without an address ray.init starts a local Ray, or joins one `ray start` runs here.
+    where = (f"cluster at {address}" if address
+             else f"local Ray at {ray.get_runtime_context().gcs_address}")
     return f"Ray: {where} ({cpus:g} CPUs, {gpus:g} GPUs)"
+
+
+def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = None,
+                  dry_run: bool = False, callbacks: list | None = None):
+    """The `TorchTrainer` of a checked config (also what a sweep trial fits).
+
+    Args:
+        checked: `preflight`'s result.
+        run_id: the MLflow run rank 0 logs into (None: no logging).
+        name: Ray Train run name (default `run.name`); resuming needs the same one.
+        dry_run: one train and one eval batch, no retries.
+        callbacks: extra Ray Train callbacks (e.g. Tune's `TuneReportCallback`).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    cfg = checked.cfg
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "dry_run": dry_run,
+                           "mlflow": {"uri": checked.tracking_uri, "run_id": run_id}},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name or cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                               checkpoint_score_attribute="val_score",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=0 if dry_run else cfg.run.max_failures)),
+    )
+
+
+def start_tracking(checked: Preflight, run_name: str | None = None,
+                   parent_run_id: str | None = None) -> tuple[str, bool]:
+    """Find or create the MLflow run of a checked config and log its params.
+
+    Returns:
+        (run id, whether it existed already: a resumed run).
+    """
+    cfg = checked.cfg
+    local_store = checked.tracking_uri.startswith("sqlite") and "://" not in cfg.run.storage_path
+    artifact_root = str(Path(cfg.run.storage_path) / "mlflow-artifacts") if local_store else None
+    params = flatten(to_dict(cfg)) | {f"params.{k}": v for k, v in checked.parameter_counts.items()}
+    return start_or_resume_run(checked.tracking_uri, cfg.run.experiment,
+                               f"{cfg.run.storage_path}/{cfg.run.name}", run_name or cfg.run.name,
+                               params, artifact_root, parent_run_id=parent_run_id)
 
 
 def run_training(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
@@ -135,61 +196,41 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
         The summary: test (or best validation) metrics, majority baseline, MLflow run id,
         the best adapters' path, timings.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from .loop import train_loop_per_worker
-
     start = time.time()
     checked = preflight(cfg)
     cfg = checked.cfg
     print(f"run: {cfg.run.name}  storage: {cfg.run.storage_path}  tracking: {checked.tracking_uri}")
-    print(f"shards: " + ", ".join(f"{k} {v} clips" for k, v in checked.split_sizes.items()))
+    print("shards: " + ", ".join(f"{k} {v} clips" for k, v in checked.split_sizes.items()))
     print(f"parameters: adapters {checked.parameter_counts['adapter']:,}, head "
           f"{checked.parameter_counts['head']:,}, frozen backbone {checked.parameter_counts['backbone']:,}")
     print(init_ray())
 
-    name = f"{cfg.run.name}-dry-run-{uuid.uuid4().hex[:6]}" if dry_run else cfg.run.name
     run_id = None
     if not dry_run:
-        artifact_root = (str(Path(cfg.run.storage_path) / "mlflow-artifacts")
-                         if checked.tracking_uri.startswith("sqlite") and "://" not in cfg.run.storage_path else None)
-        params = flatten(to_dict(cfg)) | {f"params.{k}": v for k, v in checked.parameter_counts.items()}
-        run_id, resumed = start_or_resume_run(checked.tracking_uri, cfg.run.experiment,
-                                              f"{cfg.run.storage_path}/{cfg.run.name}", cfg.run.name,
-                                              params, artifact_root)
+        run_id, resumed = start_tracking(checked)
         print(f"MLflow run {run_id} ({'continued' if resumed else 'new'})")
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "dry_run": dry_run,
-                           "mlflow": {"uri": checked.tracking_uri, "run_id": run_id}},
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-        run_config=RunConfig(
-            name=name, storage_path=cfg.run.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
-                                               checkpoint_score_attribute="val_score",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=0 if dry_run else cfg.run.max_failures)),
-    )
+    name = f"{cfg.run.name}-dry-run-{uuid.uuid4().hex[:6]}" if dry_run else None
+    trainer = build_trainer(checked, run_id=run_id, name=name, dry_run=dry_run)
     try:
         result = trainer.fit()
     except Exception:
         if run_id:
             finish_run(checked.tracking_uri, run_id, [], status="FAILED")
         raise
-    metrics = dict(result.metrics or {})
-    summary = _summary(cfg, checked, metrics, run_id, result.checkpoint, time.time() - start, dry_run)
+    summary = summarize(checked, dict(result.metrics or {}), run_id, result.checkpoint,
+                        time.time() - start, dry_run)
     if run_id:
-        _finish_tracking(checked.tracking_uri, run_id, cfg, summary, result.checkpoint)
+        finish_tracking(checked.tracking_uri, run_id, cfg, summary, result.checkpoint)
     return summary
 
 
-def _summary(cfg: TrainConfig, checked: Preflight, metrics: dict, run_id: str | None,
-             checkpoint, seconds: float, dry_run: bool) -> dict[str, Any]:
+def summarize(checked: Preflight, metrics: dict, run_id: str | None, checkpoint, seconds: float,
+              dry_run: bool = False) -> dict[str, Any]:
+    """A finished run's summary from its last reported metrics."""
+    cfg = checked.cfg
     split = "test" if any(k.startswith("test_") for k in metrics) else "val"
-    scores = {k.removeprefix(f"{split}_"): v for k, v in metrics.items() if k.startswith(f"{split}_")}
+    scores = {k.removeprefix(f"{split}_"): v for k, v in metrics.items()
+              if k.startswith(f"{split}_") and k != "val_score"}
     summary: dict[str, Any] = {
         "task": cfg.task, "run_name": cfg.run.name, "dry_run": dry_run, "evaluated_on": split,
         "best_epoch": metrics.get("best_epoch"), "best_val_score": metrics.get("val_score"),
@@ -203,10 +244,11 @@ def _summary(cfg: TrainConfig, checked: Preflight, metrics: dict, run_id: str | 
         summary["accuracies"] = {k: v for k, v in scores.items() if k not in ("overall", "majority_acc")}
     else:
         summary["accuracy"] = scores.get("accuracy")
+        summary["accuracies"] = {k: v for k, v in scores.items() if k != "accuracy"}
     return summary
 
 
-def _finish_tracking(uri: str, run_id: str, cfg: TrainConfig, summary: dict, checkpoint) -> None:
+def finish_tracking(uri: str, run_id: str, cfg: TrainConfig, summary: dict, checkpoint) -> None:
     """Artifacts: resolved config, summary, per-type accuracy plot, the best adapter files."""
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -228,7 +270,8 @@ def _finish_tracking(uri: str, run_id: str, cfg: TrainConfig, summary: dict, che
 
 
 def accuracy_plot(summary: dict, path: Path) -> Path | None:
-    """A bar chart of the accuracy per question type (AVQA) with the majority baseline."""
+    """A bar chart of the accuracy per question type (AVQA) or per class (AVE), with the
+    majority-answer baseline where there is one."""
     accuracies = summary.get("accuracies")
     if not accuracies:
         return None
@@ -245,7 +288,8 @@ def accuracy_plot(summary: dict, path: Path) -> Path | None:
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel(f"{summary['evaluated_on']} accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{summary['run_name']}: overall {summary.get('overall_acc') or 0:.1f}%")
+    overall = summary.get("overall_acc", summary.get("accuracy")) or 0.0
+    ax.set_title(f"{summary['run_name']}: overall {overall:.1f}%")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

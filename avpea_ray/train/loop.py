@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -96,15 +97,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.step()
             scheduler.step()
             progress.global_step += 1
-            progress.batches_in_epoch = train_stream.batches_consumed
+            progress.batches_in_epoch += 1
             window.add(loss.item(), len(raw["meta"]))
             if ledger:
                 ledger.write(json.dumps({"epoch": progress.epoch, "batch": progress.batches_in_epoch,
                                          "rank": rank, "ids": list(raw["key"])}) + "\n")
                 ledger.flush()
             if progress.global_step % cfg.run.log_every_steps == 0:
-                logger.log(window.metrics(world_size) | {"lr": scheduler.get_last_lr()[0]},
-                           progress.global_step)
+                step_metrics = window.metrics(world_size) | {"lr": scheduler.get_last_lr()[0]}
+                logger.log(step_metrics, progress.global_step)
+                if rank == 0:
+                    _log(rank, f"epoch {progress.epoch} step {progress.batches_in_epoch}/{steps_per_epoch}: "
+                               f"loss {step_metrics['train_loss']:.3f}, lr {step_metrics['lr']:.2e}, "
+                               f"{step_metrics['samples_per_s']:.1f} clips/s, "
+                               f"{step_metrics['data_wait_s']:.2f} s waiting for data")
                 window = _Window()
             if dry_run:
                 break
@@ -126,7 +132,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report({"dry_run": 1, **{f"val_{k}": v for k, v in val.items()}})
             return
         if not math.isnan(score) and score > progress.best_score:
-            progress.best_score, progress.best_epoch = score, progress.epoch
+            progress.best_score, progress.best_epoch, progress.best_metrics = score, progress.epoch, val
             best_state = {k: v.detach().clone().cpu() for k, v in model.trainable_state_dict().items()}
         logger.log({f"val_{k}": v for k, v in val.items()} | {"epoch": progress.epoch}, progress.global_step)
         progress.epoch += 1
@@ -135,7 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          **{f"val_{k}": v for k, v in val.items()}})
 
     final = {"epoch": progress.epoch - 1, "step": progress.global_step, "val_score": progress.best_score,
-             "best_epoch": progress.best_epoch}
+             "best_epoch": progress.best_epoch, **{f"val_{k}": v for k, v in progress.best_metrics.items()}}
     if cfg.data.test and best_state is not None:
         model.load_state_dict(best_state, strict=False)
         test = _evaluate(ddp_model, model, task, stream(cfg.data.test, training=False), device, autocast)
@@ -234,5 +240,9 @@ def _maybe_inject_failure(cfg: TrainConfig, rank: int, global_step: int) -> None
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+_logger = logging.getLogger("avpea_ray.train")
+
+
 def _log(rank: int, message: str) -> None:
-    print(f"[avpea-ray rank {rank}] {message}", flush=True)
+    # Not print(): Ray Train patches print in workers and would show each line twice.
+    _logger.info("[avpea-ray rank %d] %s", rank, message)

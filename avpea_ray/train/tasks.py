@@ -96,18 +96,24 @@ class AVQATask:
 
 
 class AVELTask:
-    """AVE: per-second event / background and the clip's category (CMBS rule)."""
+    """AVE: per-second event / background and the clip's category (CMBS rule).
+
+    AVE has 28 categories and labels background seconds 28 whatever subset a split holds,
+    so the head always has 28 classes; category names (for per-class metrics) come from the
+    train index.
+    """
 
     name = "avel"
     primary_metric = "accuracy"
+    num_classes = 28
 
-    def __init__(self, num_classes: int = 28):
-        self.num_classes = num_classes
+    def __init__(self, categories: list[str] | None = None):
+        names = list(categories or [])
+        self.class_names = names + [f"class_{i}" for i in range(len(names), self.num_classes)] + ["background"]
 
     @classmethod
     def from_index(cls, index: ShardIndex, vocab_url: str = "") -> "AVELTask":
-        categories = index.extra.get("categories")
-        return cls(len(categories) if categories else 28)
+        return cls(index.extra.get("categories"))
 
     def head_kwargs(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes}
@@ -122,14 +128,23 @@ class AVELTask:
         return head.loss(outputs, batch.targets["labels"])
 
     def counts(self, outputs: dict, batch: Batch) -> torch.Tensor:
-        return avel.avel_counts(avel.avel_predict(outputs), batch.targets["labels"])
+        """(29, 2) [correct, total] seconds per true label (28 categories, then background)."""
+        labels = batch.targets["labels"].flatten()
+        correct = (avel.avel_predict(outputs).flatten() == labels).long()
+        counts = self.empty_counts(labels.device)
+        counts[:, 0].index_add_(0, labels, correct)
+        counts[:, 1].index_add_(0, labels, torch.ones_like(correct))
+        return counts
 
     def empty_counts(self, device) -> torch.Tensor:
-        return torch.zeros(2, dtype=torch.long, device=device)
+        return torch.zeros(self.num_classes + 1, 2, dtype=torch.long, device=device)
 
     def metrics(self, counts: torch.Tensor) -> dict[str, float]:
-        correct, total = counts.tolist()
-        return {"accuracy": 100.0 * correct / total} if total else {}
+        correct, total = counts.sum(0).tolist()
+        if not total:
+            return {}
+        per_class = {name: 100.0 * c / t for name, (c, t) in zip(self.class_names, counts.tolist()) if t}
+        return {"accuracy": 100.0 * correct / total} | per_class
 
 
 TASKS = {"avqa": AVQATask, "avel": AVELTask}

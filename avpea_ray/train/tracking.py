@@ -65,7 +65,8 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str,
-                        params: dict[str, Any], artifact_root: str | None = None) -> tuple[str, bool]:
+                        params: dict[str, Any], artifact_root: str | None = None,
+                        parent_run_id: str | None = None) -> tuple[str, bool]:
     """Find the MLflow run of this training run, or create it and log its params.
 
     Args:
@@ -75,6 +76,7 @@ def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str,
         run_name: MLflow's display name.
         params: flattened config and parameter counts (logged once, at creation).
         artifact_root: where a new experiment keeps artifacts (local stores).
+        parent_run_id: nest the run under this one (a sweep's trials under the sweep).
 
     Returns:
         (run id, whether it already existed).
@@ -89,7 +91,8 @@ def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str,
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key})
+    tags = {RUN_KEY_TAG: run_key} | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     from mlflow.entities import Param
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
