@@ -87,8 +87,9 @@ def avqa_shards(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray for one test module (a module that runs `ray start`/`ray stop` has none)."""
+def ray_local(s3):
+    """A local Ray for one test module. Started after the S3 server, so its workers inherit
+    the endpoint and credentials, as they would from a cluster node's environment."""
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield

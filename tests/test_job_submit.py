@@ -31,14 +31,19 @@ def test_ray_job_submit_dry_run(avqa_shards, tmp_path):
     ray, address = f"{PYTHON_BIN}/ray", f"--address=http://127.0.0.1:{dashboard}"
     # --block keeps the head in this process group, so the test stops exactly this cluster
     # (`ray stop` would end every Ray process on the machine).
+    # Every port free, not Ray's defaults: another Ray on this machine (a developer's, a
+    # parallel test run) holding e.g. the job agent's port would leave the jobs API unusable.
+    ports = [f"--{flag}={_free_port()}" for flag in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}",
-                             f"--dashboard-port={dashboard}", "--num-cpus=2",
+                             f"--dashboard-port={dashboard}", *ports, "--num-cpus=2",
                              "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         overrides = train_overrides(avqa_shards, tmp_path, **{"run.name": "submitted"})
-        for _ in range(30):  # the head answers before its job agent is up
+        for _ in range(90):  # the head answers before its job agent is up (slow on a busy machine)
             result = subprocess.run(
                 [ray, "job", "submit", address, "--working-dir", str(REPO),
                  "--", "python", "jobs/avqa.py", "--dry-run", *overrides],

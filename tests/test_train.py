@@ -73,15 +73,15 @@ def test_two_worker_ddp_learns_and_tracks(avqa_shards, tmp_path, ray_local):
 def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(avqa_shards, tmp_path, ray_local):
     from avpea_ray.train.launcher import run_training
 
-    common = {"run.num_workers": 2, "optim.epochs": 2, "run.sample_ledger": True,
-              "run.checkpoint_every_steps": 4, "data.test": ""}
+    common = {"run.num_workers": 2, "optim.epochs": 2, "run.sample_ledger": True, "data.batch_size": 8,
+              "run.checkpoint_every_steps": 3, "data.test": ""}
     clean = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "clean"}))
-    crashed = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "crashed", "run.fail_at_step": 14,
+    crashed = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "crashed", "run.fail_at_step": 5,
                                                                    "run.fail_rank": 1}))
-    assert (tmp_path / "crashed" / "failure-injected-at-14").exists()  # it did die
+    assert (tmp_path / "crashed" / "failure-injected-at-5").exists()  # it did die
     clean_batches, crashed_batches = _ledger(tmp_path, "clean"), _ledger(tmp_path, "crashed")
     steps_per_epoch = max(b for _, b, _ in clean_batches)
-    assert 14 % steps_per_epoch > 4  # it died mid-epoch, after a mid-epoch checkpoint (every 4 steps)
+    assert 5 % steps_per_epoch > 3  # it died mid-epoch, after a mid-epoch checkpoint (every 3 steps)
     assert crashed_batches == clean_batches
     for epoch in (0, 1):
         ids = [i for (e, _, _), batch in clean_batches.items() if e == epoch for i in batch]
@@ -110,11 +110,10 @@ def test_mlflow_server_and_driver_restart_continue_one_run(avqa_shards, tmp_path
             except requests.RequestException:
                 time.sleep(0.5)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        first = run_training(_config(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 1,
-                                                           "data.test": ""}))
+        fast = {"data.test": "", "data.batch_size": 8}
+        first = run_training(_config(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 1, **fast}))
         # The driver comes back (same name and storage) and trains one more epoch.
-        second = run_training(_config(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 2,
-                                                            "data.test": ""}))
+        second = run_training(_config(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 2, **fast}))
         assert first["mlflow_tracking_uri"] == uri and second["mlflow_run_id"] == first["mlflow_run_id"]
         client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("avpea-ray").experiment_id])
@@ -147,7 +146,7 @@ def test_job_reports_bad_input_without_traceback(avqa_shards, tmp_path):
     assert "error: model.reduction_factor" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_avel_job_trains_and_reports_per_class(tmp_path, ray_local):
+def test_avel_job_on_object_storage_reports_per_class(tmp_path, ray_local, s3):
     from mlflow.tracking import MlflowClient
 
     from avpea_ray.train.launcher import run_training
@@ -165,9 +164,16 @@ def test_avel_job_trains_and_reports_per_class(tmp_path, ray_local):
         *_overrides({"train": str(tmp_path / "train"), "val": str(tmp_path / "val"), "test": ""}, tmp_path,
                     **{"task": "avel", "model.num_frames": 10, "model.audio.window_seconds": 1.0,
                        "model.audio.target_frames": 102, "head.hidden": 32, "data.batch_size": 2,
-                       "optim.epochs": 2, "run.name": "ave"})]), None)[0]
+                       "optim.epochs": 2, "run.name": "ave",
+                       "run.storage_path": s3.make_bucket("runs") + "/avpea",
+                       "run.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})]), None)[0]
     summary = run_training(cfg)
     assert 0 <= summary["accuracy"] <= 100 and summary["evaluated_on"] == "val"
+    # checkpoints (adapters, not the backbone) went to the object store
+    assert summary["checkpoint"].startswith("s3://runs/avpea/ave/checkpoint_")
+    from avpea_ray.data import storage
+    assert storage.exists(summary["checkpoint"] + "/adapter_model.safetensors")
+    assert storage.exists(summary["checkpoint"].rsplit("/", 1)[0] + "/train_state.pt")
     assert set(summary["accuracies"]) <= set(categories) | {"background"}
     run = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
     assert "val_accuracy" in run.data.metrics and "val_background" in run.data.metrics

@@ -104,6 +104,12 @@ def preflight(cfg: TrainConfig) -> Preflight:
                      uri, {k: v.total_samples for k, v in indexes.items()})
 
 
+def _url(storage_path: str, path: str) -> str:
+    """Ray reports object-store checkpoint paths without their scheme: put it back."""
+    scheme = storage_path.split("://")[0] if "://" in storage_path else ""
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
+
+
 def _absolute(path: str) -> str:
     return path if not path or "://" in path else str(Path(path).resolve())
 
@@ -121,18 +127,17 @@ def _check_storage(path: str) -> None:
 
 def init_ray() -> str:
     """Connect to the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start a
-    local Ray in this process. Returns a line saying which."""
+    fresh local Ray in this process. Returns a line saying which."""
     import ray
     if ray.is_initialized():
         return "Ray: already initialised"
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}} if not address else None)
+    # "local": a fresh in-process Ray even if some other Ray runs on this machine (set
+    # RAY_ADDRESS=auto to join that one instead).
+    ray.init(address=address or "local", log_to_driver=True)
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
-    # Without an address ray.init starts a local Ray, or joins one `ray start` runs here.
-    where = (f"cluster at {address}" if address
-             else f"local Ray at {ray.get_runtime_context().gcs_address}")
+    where = f"cluster at {address}" if address else "a local Ray started in this process"
     return f"Ray: {where} ({cpus:g} CPUs, {gpus:g} GPUs)"
 
 
@@ -235,7 +240,8 @@ def summarize(checked: Preflight, metrics: dict, run_id: str | None, checkpoint,
         "task": cfg.task, "run_name": cfg.run.name, "dry_run": dry_run, "evaluated_on": split,
         "best_epoch": metrics.get("best_epoch"), "best_val_score": metrics.get("val_score"),
         "metrics": scores, "mlflow_run_id": run_id, "mlflow_tracking_uri": checked.tracking_uri,
-        "checkpoint": f"{checkpoint.path}/best_adapters" if checkpoint and not dry_run else None,
+        "checkpoint": _url(cfg.run.storage_path, f"{checkpoint.path}/best_adapters")
+        if checkpoint and not dry_run else None,
         "parameters": checked.parameter_counts, "seconds": round(seconds, 1),
     }
     if cfg.task == "avqa":
