@@ -20,7 +20,9 @@ CONFIG_DIR = ROOT / "configs"
 CLUSTER = ROOT / "cluster.yaml"
 DOCS = ROOT / "docs" / "cluster.md"
 
-CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*") if p.suffix in (".yaml", ".yml", ".json"))
+# Training configs; sweep_*.yaml add a `sweep` section and are checked in tests/test_sweep.py.
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*")
+                      if p.suffix in (".yaml", ".yml", ".json") and not p.name.startswith("sweep_"))
 
 VIT_B = "vit_base_patch16_224.augreg_in21k"
 VIT_L = "vit_large_patch16_224.augreg_in21k"
