@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,28 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.toy import train_overrides
+from tests.toy import free_port, train_overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_BIN = str(Path(sys.executable).parent)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_dry_run(avqa_shards, tmp_path):
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     env = os.environ | {"PATH": f"{PYTHON_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     ray, address = f"{PYTHON_BIN}/ray", f"--address=http://127.0.0.1:{dashboard}"
     # --block keeps the head in this process group, so the test stops exactly this cluster
     # (`ray stop` would end every Ray process on the machine).
     # Every port free, not Ray's defaults: another Ray on this machine (a developer's, a
     # parallel test run) holding e.g. the job agent's port would leave the jobs API unusable.
-    ports = [f"--{flag}={_free_port()}" for flag in (
+    ports = [f"--{flag}={free_port()}" for flag in (
         "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}",

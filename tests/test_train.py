@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,11 @@ import pytest
 from avpea_ray.config import ConfigError
 from avpea_ray.train.cli import parse_job_args, resolve_config
 from avpea_ray.train.launcher import preflight
-from tests.toy import train_overrides as _overrides
+from tests.toy import free_port, train_overrides as _overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_BIN = str(Path(sys.executable).parent)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(shards, storage, **extra):
@@ -94,7 +87,7 @@ def test_mlflow_server_and_driver_restart_continue_one_run(avqa_shards, tmp_path
 
     from avpea_ray.train.launcher import run_training
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [f"{PYTHON_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import timm
 import torch
@@ -54,3 +55,10 @@ def train_overrides(shards: dict[str, str], storage, **extra) -> list[str]:
         "run.cpus_per_worker": 0.5, "run.log_every_steps": 2,
     } | extra
     return [f"{k}={json.dumps(v)}" for k, v in base.items()]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for servers a test starts on 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
