@@ -3,7 +3,6 @@ a real `mlflow server`), AVE, and bad input refused before any worker starts."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
