@@ -125,6 +125,7 @@ def test_mlflow_server_and_driver_restart_continue_one_run(avqa_shards, tmp_path
     ({"run.storage_path": "/dev/null/runs"}, "run.storage_path '/dev/null/runs' is not writable"),
     ({"run.tracking_uri": "http://127.0.0.1:9"}, "run.tracking_uri: MLflow tracking server"),
     ({"data.val": "/nonexistent/val"}, "data.val"),
+    ({"model.weights": "missing.safetensors"}, "model.weights: 'missing.safetensors' is not a file"),
 ])
 def test_bad_input_is_refused_before_any_worker(avqa_shards, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

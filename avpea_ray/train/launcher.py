@@ -52,7 +52,14 @@ def preflight(cfg: TrainConfig) -> Preflight:
     # Ray workers run in their own working directories: local paths must be absolute.
     run, data = cfg.run, cfg.data
     local_paths = {name: _absolute(getattr(data, name)) for name in ("train", "val", "test", "vocab")}
-    cfg = replace(cfg, data=replace(data, **local_paths),
+    weights = cfg.model.weights
+    if weights not in ("random", "timm"):
+        if not Path(weights).is_file():
+            raise ConfigError(f"model.weights: {weights!r} is not a file (expected 'timm', 'random' "
+                              f"or a local .safetensors/.pth state dict)")
+        weights = _absolute(weights)
+    cfg = replace(cfg, model=replace(cfg.model, weights=weights),
+                  data=replace(data, **local_paths),
                   run=replace(run, name=run.name or default_run_name(cfg),
                               storage_path=_absolute(run.storage_path)))
 
