@@ -1,0 +1,1 @@
+"""Task metrics that need a whole evaluation split: retrieval ranks and caption scores."""
