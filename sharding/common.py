@@ -1,9 +1,9 @@
-"""Plumbing shared by the dataset sharders (sharding.musicavqa, sharding.ave).
+"""Plumbing shared by the dataset sharders (sharding.musicavqa, sharding.ave, sharding.valor).
 
 - command line: the output flags every sharder has, argparse types, exit codes
   (2 = bad flag or missing annotation file, 1 = --strict tripped or nothing usable);
-- media: frame folders (JPEG), WAVs and MP4s -> T resized frames and a 16 kHz mono waveform,
-  with every user-data problem turned into `SkipSample(reason, detail)`;
+- media: frame folders (JPEG), audio files and MP4s -> T resized frames and a 16 kHz mono
+  waveform, with every user-data problem turned into `SkipSample(reason, detail)`;
 - bookkeeping: `Report` (what was skipped and why -> report.json and the summary);
 - the write loop: progress bar, optional worker processes, --strict.
 """
@@ -138,6 +138,25 @@ def require_dir(path: str, flag: str, what: str) -> str:
     return path
 
 
+def read_json(path: str, flag: str, what: str) -> Any:
+    """The content of a JSON file given by a flag; `UsageError` if missing or not JSON.
+
+    Args:
+        path: the file.
+        flag: the flag it came from ("--ids").
+        what: what it should hold ("a JSON list of video ids"), for the messages.
+
+    Returns:
+        The parsed JSON (the caller checks its shape).
+    """
+    require_file(path, flag, what)
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: some copies carry a BOM
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{flag}: {path} is not valid JSON ({exc}; expected {what})") from None
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a sharder's `main`, turning user errors into a message and an exit code.
 
@@ -253,6 +272,36 @@ def load_wav(path: str) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - libsndfile errors vary
         raise SkipSample("unreadable_audio", f"{path}: {exc}") from None
     return to_mono_16k(wave, rate, path)
+
+
+SOUNDFILE_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")  # what libsndfile >= 1.1 decodes
+
+
+def load_audio(path: str) -> np.ndarray:
+    """An audio file as 16 kHz mono float32, whatever its format.
+
+    WAV, FLAC, MP3 and OGG go through libsndfile (`load_wav`); anything else (M4A/AAC, ...)
+    through PyAV, like the audio of `load_video`.
+
+    Raises:
+        SkipSample: the file is missing (missing_audio), undecodable or has no audio
+            stream (unreadable_audio), or holds no samples.
+    """
+    if path.lower().endswith(SOUNDFILE_SUFFIXES):
+        return load_wav(path)
+    import av
+
+    if not os.path.isfile(path):
+        raise SkipSample("missing_audio", f"no audio file {path}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise SkipSample("unreadable_audio", f"{path}: no audio stream")
+            return _decode_audio(container, path)
+    except SkipSample:
+        raise
+    except Exception as exc:  # noqa: BLE001 - FFmpeg errors come in many types
+        raise SkipSample("unreadable_audio", f"{path}: {exc}") from None
 
 
 def load_video(path: str, num_frames: int, image_size: int) -> tuple[list[np.ndarray], np.ndarray]:

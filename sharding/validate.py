@@ -5,7 +5,8 @@
 Checks the index (shards.json) and every shard it lists: present, size and sha256 as listed,
 a readable tar whose members are grouped per sample and complete (frame00.jpg ...
 frame{T-1}.jpg, fbank.npy, json), every JPEG/npy/json decodable with the shapes the index
-promises, sample counts as listed, no key twice; side files (vocab.json) match their sha256;
+promises, the json's dataset-specific fields (VALOR: video_id, captions), sample counts as
+listed, no key twice; side files (vocab.json, vocab.txt) match their sha256;
 and at least R x W shards, since fewer shards than ranks x loader workers hangs DDP.
 Prints one line per problem naming the shard; exit 1 if any, 0 if none.
 """
@@ -69,6 +70,24 @@ def iter_samples(tar: tarfile.TarFile, problems: list[str]) -> Iterator[tuple[st
         yield current, members
 
 
+def check_valor_meta(meta: dict) -> list[str]:
+    """VALOR: a non-empty string `video_id` and a non-empty list of non-empty captions."""
+    problems = []
+    if not isinstance(meta.get("video_id"), str) or not meta["video_id"]:
+        problems.append("'video_id' should be a non-empty string, got "
+                        f"{meta.get('video_id')!r:.40}")
+    captions = meta.get("captions")
+    if not (isinstance(captions, list) and captions
+            and all(isinstance(c, str) and c.strip() for c in captions)):
+        problems.append("'captions' should be a non-empty list of non-empty strings, got "
+                        f"{captions!r:.60}")
+    return problems
+
+
+# index.dataset -> the checks of its samples' json (beyond being an object).
+META_CHECKS = {"valor": check_valor_meta}
+
+
 def check_sample(key: str, members: dict, index: shards.ShardIndex) -> list[str]:
     """Problems with one sample's members (missing, undecodable, wrong shape)."""
     problems = []
@@ -103,6 +122,9 @@ def check_sample(key: str, members: dict, index: shards.ShardIndex) -> list[str]
             meta = json.loads(members[shards.META_MEMBER].decode("utf-8"))
             if not isinstance(meta, dict):
                 problems.append(f"sample {key}: json is not an object")
+            elif index.dataset in META_CHECKS:
+                problems.extend(f"sample {key}: json {p}"
+                                for p in META_CHECKS[index.dataset](meta))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             problems.append(f"sample {key}: json is not valid JSON ({exc})")
     return problems
