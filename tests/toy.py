@@ -28,10 +28,20 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**(fields | overrides))
 
 
+TINY_TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 16}
+TINY_HEADS = {
+    "avqa": {"vocab_size": 20, "num_answers": 5, "hidden": 32},
+    "avel": {"num_classes": 4, "hidden": 32},
+    "avr": {"vocab_size": 30, "embed_dim": 16, "text_model": "random", "text_config": TINY_TEXT},
+    "avc": {"vocab_size": 30, "bos_id": 2, "eos_id": 3, "pad_id": 0, "hidden": 32, "layers": 1,
+            "num_heads": 2, "max_length": 8, "memory_patches": 2},
+}
+
+
 def tiny_model(task: str = "avqa", seed: int = 0, **overrides) -> AVPEAModel:
     """A tiny AVPEAModel with a small head."""
-    head = {"vocab_size": 20, "num_answers": 5, "hidden": 32} if task == "avqa" else \
-        {"num_classes": 4, "hidden": 32}
+    head = TINY_HEADS[task]
     torch.manual_seed(seed)
     return AVPEAModel(tiny_config(**overrides), task, head, backbone=tiny_backbone(seed))
 

@@ -93,7 +93,8 @@ def load_weights_file(model: nn.Module, path: str) -> None:
             f"{'...' if len(unexpected) > 5 else ''}")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers within `timeout` seconds (False when HF_HUB_OFFLINE is set)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         return False
     try:
@@ -107,7 +108,7 @@ def _create_pretrained_from_timm(name: str, **kwargs) -> nn.Module:
     # Without this check timm retries the hub for 45 s+ per file before failing.
     import huggingface_hub.constants as hf_constants
 
-    online = _hub_reachable()
+    online = hub_reachable()
     if not online:
         hf_constants.HF_HUB_OFFLINE = True  # read at call time: use the local cache only
     try:

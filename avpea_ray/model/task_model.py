@@ -17,12 +17,14 @@ from .dual_stream import DualStreamViT
 
 def _head_classes() -> dict[str, type[nn.Module]]:
     # Imported here so the trunk does not depend on every head's module.
+    from ..heads.avc import AVCHead
     from ..heads.avel import AVELHead
     from ..heads.avqa import AVQAHead
-    return {"avqa": AVQAHead, "avel": AVELHead}
+    from ..heads.avr import AVRHead
+    return {"avqa": AVQAHead, "avel": AVELHead, "avr": AVRHead, "avc": AVCHead}
 
 
-TASKS = ("avqa", "avel")
+TASKS = ("avqa", "avel", "avr", "avc")
 
 
 class AVPEAModel(nn.Module):
@@ -30,7 +32,7 @@ class AVPEAModel(nn.Module):
 
     Args:
         config: the trunk's settings (backbone, weights, adapters).
-        task: "avqa" or "avel".
+        task: "avqa", "avel", "avr" (retrieval) or "avc" (captioning).
         head_kwargs: the head's constructor arguments besides the width (e.g. vocab_size).
         backbone: an already built timm ViT to use instead of building one from `config`
             (it must be the one `config` names).
