@@ -14,24 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
-from avpea_ray.config import ConfigError  # noqa: E402
-from avpea_ray.train.cli import fail, parse_job_args, report, resolve_config  # noqa: E402
-from avpea_ray.train.launcher import run_training  # noqa: E402
-
-
-def main(argv=None) -> int:
-    args = parse_job_args(__doc__, argv)
-    try:
-        cfg, _ = resolve_config(args, {"task": "avel"})
-        if cfg.task != "avel":
-            raise ConfigError(f"task: jobs/avel.py trains task 'avel', the config says {cfg.task!r}")
-        summary = run_training(cfg, dry_run=args.dry_run)
-    except ConfigError as err:
-        return fail(err)
-
-    report(summary, args)
-    return 0
-
+from avpea_ray.train.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("avel", __doc__))

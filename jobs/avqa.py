@@ -12,29 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
-from avpea_ray.config import ConfigError  # noqa: E402
-from avpea_ray.train.cli import (DEMO_AVQA, ensure_demo_data, fail, parse_job_args,  # noqa: E402
-                                 report, resolve_config)
-from avpea_ray.train.launcher import run_training  # noqa: E402
-
-
-def main(argv=None) -> int:
-    args = parse_job_args(__doc__, argv)
-    try:
-        cfg, uses_demo = resolve_config(args, DEMO_AVQA)
-        if cfg.task != "avqa":
-            raise ConfigError(f"task: jobs/avqa.py trains task 'avqa', the config says {cfg.task!r}")
-        if uses_demo:
-            print("demo mode: synthetic MUSIC-AVQA-layout data, a tiny random-weight ViT, local "
-                  "Ray, local shards and a local MLflow store (pass --config for real runs)")
-            ensure_demo_data(cfg.model.image_size)
-        summary = run_training(cfg, dry_run=args.dry_run)
-    except ConfigError as err:
-        return fail(err)
-
-    report(summary, args)
-    return 0
-
+from avpea_ray.train.cli import DEMO_AVQA, run_job  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("avqa", __doc__, demo=DEMO_AVQA))

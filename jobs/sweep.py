@@ -5,7 +5,8 @@
         --storage-path s3://bucket/avpea/runs --name avqa-b16-sweep
     ray job submit --working-dir . -- python jobs/sweep.py --config ...  # on a Ray cluster
 
-The sweep file is a training config plus a `sweep` section (docs/sweeps.md). Running the same
+The sweep file is a training config plus a `sweep` section (docs/sweeps.md); any task
+trains in it (avqa, avel, avr, avc; configs/sweep_avr_demo.yaml sweeps retrieval). Running the same
 sweep name (and storage path) again continues the sweep: finished trials are not run again.
 """
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
 from avpea_ray.config import ConfigError  # noqa: E402
-from avpea_ray.train.cli import ensure_demo_data, fail  # noqa: E402
+from avpea_ray.train.cli import (DEMO_LAYOUT, DEMO_NOTICE, DEMO_TRAIN_SHARDS,  # noqa: E402
+                                 ensure_demo_data, fail)
 from avpea_ray.tune.config import DEMO_SWEEP, load_sweep_config  # noqa: E402
 from avpea_ray.tune.sweep import parse_sweep_args, report_sweep, run_sweep, sweep_overrides  # noqa: E402
 
@@ -24,10 +26,9 @@ def main(argv=None) -> int:
     try:
         cfg, sweep = load_sweep_config(args.config, sweep_overrides(args),
                                        base=None if args.config else DEMO_SWEEP)
-        if cfg.data.train == DEMO_SWEEP["data"]["train"]:
-            print("demo mode: synthetic MUSIC-AVQA-layout data, a tiny random-weight ViT, local Ray, "
-                  "a local MLflow store (pass --config for real sweeps)")
-            ensure_demo_data(cfg.model.image_size)
+        if cfg.data.train in DEMO_TRAIN_SHARDS:  # the demo sweep, or a sweep file over demo data
+            print(DEMO_NOTICE.format(layout=DEMO_LAYOUT[cfg.task]))
+            ensure_demo_data(cfg.model.image_size, cfg.task)
         summary = run_sweep(cfg, sweep)
     except ConfigError as err:
         return fail(err)

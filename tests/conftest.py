@@ -94,3 +94,24 @@ def ray_local(s3):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def valor_shards(tmp_path_factory) -> dict[str, str]:
+    """A small synthetic VALOR-32K split set (captions describing what is seen and heard),
+    sharded into several shards per split, each with its vocab.txt."""
+    from sharding import synth_valor, valor
+
+    root = tmp_path_factory.mktemp("valor")
+    release = root / "release"
+    synth_valor.main(["--out", str(release), "--train", "96", "--val", "24", "--test", "24",
+                      "--seconds", "4", "--frame-size", "32", "--seed", "5"])
+    out = {}
+    for split in ("train", "val", "test"):
+        out[split] = str(root / "shards" / split)
+        assert valor.main(["--ids", str(release / f"ids_{split}.json"),
+                           "--captions", str(release / "captions.json"),
+                           "--frames", str(release / "frames"), "--audio", str(release / "audio"),
+                           "--out", out[split], "--split", split, "--num-frames", "4",
+                           "--image-size", "32", "--max-shard-bytes", "1MiB", "--no-progress"]) == 0
+    return out

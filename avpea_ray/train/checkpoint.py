@@ -5,6 +5,7 @@ Layout of one checkpoint directory (Ray Train merges the files every rank report
     config.json                resolved TrainConfig of the run
     adapters/                  current adapters + head (PEFT-style adapter files)
     best_adapters/             the best-on-validation adapters + head so far
+        tokenizer/             (avr, avc) the caption tokenizer, as `save_pretrained` writes it
     train_state.pt             optimiser, scheduler, progress, best score, reader position
     rng-rank{R}.pt             each rank's Python / NumPy / torch RNG states
 
@@ -55,11 +56,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_checkpoint(directory: Path, *, rank: int, model: AVPEAModel, config: dict,
                      optimizer, scheduler, progress: Progress, reader_state: dict,
-                     best_state: dict[str, torch.Tensor] | None) -> None:
+                     best_state: dict[str, torch.Tensor] | None, tokenizer=None) -> None:
     """Write this rank's part of a checkpoint into `directory`.
 
     Rank 0 writes everything shared (DDP keeps the trainable state identical on all ranks);
-    every rank writes its own RNG state.
+    every rank writes its own RNG state. A task's tokenizer (retrieval, captioning) is saved
+    beside the adapters so that they can be used without the training data.
     """
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), directory / f"rng-rank{rank}.pt")
@@ -70,6 +72,10 @@ def write_checkpoint(directory: Path, *, rank: int, model: AVPEAModel, config: d
     if best_state is not None:
         save_adapters(model, directory / "best_adapters", tensors=best_state,
                       extra={"best_epoch": progress.best_epoch, "best_score": progress.best_score})
+    if tokenizer is not None:
+        for folder in ("adapters", "best_adapters"):
+            if (directory / folder).exists():
+                tokenizer.save_pretrained(str(directory / folder / "tokenizer"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "progress": asdict(progress), "reader": reader_state},
                directory / "train_state.pt")

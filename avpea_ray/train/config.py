@@ -1,11 +1,12 @@
 """TrainConfig: everything a training run needs, as one typed, resolvable config.
 
-    task      avqa | avel
-    model     ModelConfig   the frozen ViT and its adapters
-    head      dict          the task head's constructor arguments (hidden size, ...)
-    data      DataConfig    shard locations and the reader
-    optim     OptimConfig   AdamW, warm-up + cosine schedule, clipping, precision
-    run       RunConfig     Ray, storage, checkpoints, tracking
+    task        avqa | avel | avr | avc
+    model       ModelConfig       the frozen ViT and its adapters
+    head        dict              the task head's constructor arguments (hidden size, text model, ...)
+    data        DataConfig        shard locations and the reader
+    optim       OptimConfig       AdamW, warm-up + cosine schedule, clipping, precision
+    run         RunConfig         Ray, storage, checkpoints, tracking
+    evaluation  EvaluationConfig  caption decoding and scoring (avc)
 
 Files (JSON or YAML) and `section.key=value` overrides resolve into it (see `avpea_ray.config`);
 the resolved config is saved with every run and checkpoint.
@@ -26,13 +27,18 @@ class DataConfig:
     Attributes:
         train, val, test: shard directories/prefixes (local path or s3://...), each holding a
             `shards.json`. An empty `test` skips the final test evaluation.
-        vocab: AVQA vocabularies (`vocab.json` from `sharding.musicavqa`); default: beside the
-            train shards.
+        vocab: AVQA vocabularies (`vocab.json` from `sharding.musicavqa`) or the caption
+            tokenizer's WordPiece vocabulary for `head.text_model=random` (`vocab.txt` from
+            `sharding.valor`); default: beside the train shards.
         batch_size: clips per rank per step.
         eval_batch_size: clips per rank per evaluation step.
         loader_workers: DataLoader worker processes per rank.
         shuffle_buffer: samples held by each loader worker's shuffle buffer.
         seed: the base seed of shuffling, initialisation and dropout.
+        max_caption_tokens: captions are cut to this many tokens, [CLS] and [SEP] included
+            (avr, avc).
+        captions_per_clip: captions of a clip trained on per step (avc; a random subset
+            when a clip has more). Retrieval always pairs a clip with one caption.
     """
 
     train: str = ""
@@ -44,11 +50,16 @@ class DataConfig:
     loader_workers: int = 2
     shuffle_buffer: int = 256
     seed: int = 0
+    max_caption_tokens: int = 32
+    captions_per_clip: int = 5
 
     def __post_init__(self):
-        for name in ("batch_size", "eval_batch_size"):
+        for name in ("batch_size", "eval_batch_size", "captions_per_clip"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_caption_tokens < 3:
+            raise ConfigError(f"data.max_caption_tokens must be >= 3 ([CLS], a word, [SEP]), "
+                              f"got {self.max_caption_tokens!r}")
         if self.loader_workers < 0:
             raise ConfigError(f"data.loader_workers must be >= 0, got {self.loader_workers!r}")
 
@@ -133,6 +144,32 @@ class RunConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """How captions are decoded and scored (avc).
+
+    Attributes:
+        beam_size: beams of the caption search (1: greedy).
+        length_penalty: beams rank by log-probability / length ** length_penalty.
+        meteor: when to compute METEOR (Java, a few seconds per call): "test" (the final test
+            evaluation only), "always" (every validation too) or "never".
+    """
+
+    beam_size: int = 3
+    length_penalty: float = 1.0
+    meteor: str = "test"
+
+    def __post_init__(self):
+        if self.beam_size < 1:
+            raise ConfigError(f"evaluation.beam_size must be >= 1, got {self.beam_size!r}")
+        if self.meteor not in ("test", "always", "never"):
+            raise ConfigError(f"evaluation.meteor must be one of ['test', 'always', 'never'], "
+                              f"got {self.meteor!r}")
+
+
+TASK_NAMES = ("avqa", "avel", "avr", "avc")
+
+
+@dataclass
 class TrainConfig:
     """The whole run: task, model, head, data, optimiser and run settings."""
 
@@ -142,7 +179,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self):
-        if self.task not in ("avqa", "avel"):
-            raise ConfigError(f"task must be one of ['avqa', 'avel'], got {self.task!r}")
+        if self.task not in TASK_NAMES:
+            raise ConfigError(f"task must be one of {list(TASK_NAMES)}, got {self.task!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -19,8 +20,9 @@ from ..config import ConfigError, to_dict
 from ..data import storage
 from ..data.shards import ShardIndexError, read_index
 from ..model.params import build_without_weights, count_parameters
+from ..model.text import TextModelError
 from .config import TrainConfig
-from .tasks import make_task
+from .tasks import TASKS, make_task
 from .tracking import (TrackingError, check_reachable, finish_run, flatten, resolve_tracking_uri,
                        start_or_resume_run)
 
@@ -75,7 +77,7 @@ def preflight(cfg: TrainConfig) -> Preflight:
         except (ShardIndexError, FileNotFoundError, OSError) as err:
             raise ConfigError(f"data.{split}: {err}") from err
     for split, index in indexes.items():
-        if index.dataset != {"avqa": "musicavqa", "avel": "ave"}[cfg.task]:
+        if index.dataset != TASKS[cfg.task].dataset:
             raise ConfigError(f"data.{split}: shards hold dataset {index.dataset!r}, not what "
                               f"task {cfg.task!r} trains on")
         if index.num_frames != cfg.model.num_frames:
@@ -86,18 +88,33 @@ def preflight(cfg: TrainConfig) -> Preflight:
                 raise ConfigError(f"model.audio.{key}={value!r} but the {split} shards were made "
                                   f"with {key}={index.audio.get(key)!r}")
     try:
-        task = make_task(cfg.task, indexes["train"], cfg.data.vocab)
+        task = make_task(cfg, indexes["train"])
+    except TextModelError as err:
+        raise ConfigError(str(err)) from err
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise ConfigError(f"data.vocab: {err}") from err
     head_kwargs = task.head_kwargs() | cfg.head
+    if cfg.task == "avc" and cfg.evaluation.meteor != "never" and shutil.which("java") is None:
+        raise ConfigError("evaluation.meteor: METEOR runs the COCO caption toolkit's Java jar and "
+                          "there is no `java` on PATH: install a JRE or set evaluation.meteor=never")
     try:
         model = build_without_weights(cfg.model, cfg.task, head_kwargs)
+    except TextModelError as err:
+        raise ConfigError(str(err)) from err
+    except TypeError as err:  # an unknown head.* key
+        raise ConfigError(f"head: {err}") from err
     except ValueError as err:
         field_name = "model.reduction_factor" if "reduction_factor" in str(err) else "model/head"
         raise ConfigError(f"{field_name}: {err}") from err
     except RuntimeError as err:
         raise ConfigError(f"model.backbone: {err}") from err
     counts = count_parameters(model)
+    text_positions = getattr(getattr(getattr(model.head, "text_encoder", None), "config", None),
+                             "max_position_embeddings", None)
+    if text_positions is not None and cfg.data.max_caption_tokens > text_positions:
+        raise ConfigError(f"data.max_caption_tokens={cfg.data.max_caption_tokens} but the text model "
+                          f"has only {text_positions} positions (head.text_config.max_position_embeddings "
+                          f"for a random one): lower data.max_caption_tokens")
 
     _check_storage(cfg.run.storage_path)
     uri = resolve_tracking_uri(cfg.run.tracking_uri, cfg.run.storage_path)
@@ -255,7 +272,7 @@ def summarize(checked: Preflight, metrics: dict, run_id: str | None, checkpoint,
         summary["overall_acc"] = scores.get("overall")
         summary["majority_acc"] = scores.get("majority_acc")
         summary["accuracies"] = {k: v for k, v in scores.items() if k not in ("overall", "majority_acc")}
-    else:
+    elif cfg.task == "avel":
         summary["accuracy"] = scores.get("accuracy")
         summary["accuracies"] = {k: v for k, v in scores.items() if k != "accuracy"}
     return summary

@@ -20,7 +20,6 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from ..config import from_dict
 from ..data.reader import ShardStream
@@ -42,7 +41,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.data.seed)  # identical initial adapters/head on every rank
 
-    task = make_task(cfg.task, read_index(cfg.data.train), cfg.data.vocab)
+    task = make_task(cfg, read_index(cfg.data.train))
     model = AVPEAModel(cfg.model, cfg.task, task.head_kwargs() | cfg.head).to(device)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     optimizer = _optimizer(model, cfg)
@@ -75,7 +74,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             write_checkpoint(Path(directory), rank=rank, model=model, config=loop_config["config"],
                              optimizer=optimizer, scheduler=scheduler, progress=progress,
-                             reader_state=train_stream.state_dict(), best_state=best_state)
+                             reader_state=train_stream.state_dict(), best_state=best_state,
+                             tokenizer=getattr(task, "tokenizer", None))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     while progress.epoch < cfg.optim.epochs:
@@ -86,7 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for raw in train_stream:
             window.wait += time.perf_counter() - wait_start
             _maybe_inject_failure(cfg, rank, progress.global_step)
-            batch = task.make_batch(raw, device)
+            batch = task.make_batch(raw, device, training=True)
             with autocast:
                 outputs = ddp_model(batch.frames, batch.fbank, **batch.head_inputs)
                 loss, parts = task.loss(model.head, outputs, batch)
@@ -122,8 +122,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                  "val_score": float("nan")})
             wait_start = time.perf_counter()
 
-        val = _evaluate(ddp_model, model, task, stream(cfg.data.val, training=False), device,
-                        autocast, max_batches=1 if dry_run else None)
+        val = _evaluate(model, task, stream(cfg.data.val, training=False), device, autocast,
+                        max_batches=1 if dry_run else None)
         score = val.get(task.primary_metric, float("nan"))
         if rank == 0:
             _log(rank, f"epoch {progress.epoch}: val {task.primary_metric} {score:.2f} "
@@ -144,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
              "best_epoch": progress.best_epoch, **{f"val_{k}": v for k, v in progress.best_metrics.items()}}
     if cfg.data.test and best_state is not None:
         model.load_state_dict(best_state, strict=False)
-        test = _evaluate(ddp_model, model, task, stream(cfg.data.test, training=False), device, autocast)
+        test = _evaluate(model, task, stream(cfg.data.test, training=False), device, autocast, final=True)
         final |= {f"test_{k}": v for k, v in test.items()}
         logger.log({f"test_{k}": v for k, v in test.items()}, progress.global_step)
     save_and_report(final)
@@ -169,25 +169,22 @@ class _Window:
 
 
 @torch.no_grad()
-def _evaluate(ddp_model, model, task, eval_stream: ShardStream, device, autocast,
-              max_batches: int | None = None) -> dict[str, float]:
-    """The task's metrics over a split, every sample exactly once across ranks."""
+def _evaluate(model, task, eval_stream: ShardStream, device, autocast,
+              max_batches: int | None = None, final: bool = False) -> dict[str, float]:
+    """The task's metrics over a split, every sample exactly once across ranks.
+
+    `final` marks the test evaluation (captioning adds METEOR there by default).
+    """
     model.eval()
-    counts = None
+    evaluator = task.evaluator(final=final)
     for i, raw in enumerate(eval_stream):
         if max_batches is not None and i >= max_batches:
             break
-        batch = task.make_batch(raw, device)
         with autocast:
-            outputs = model(batch.frames, batch.fbank, **batch.head_inputs)
-        batch_counts = task.counts(outputs, batch).to(device)
-        counts = batch_counts if counts is None else counts + batch_counts
-    if counts is None:  # this rank got no sample: contribute zeros of the right shape
-        counts = task.empty_counts(device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+            evaluator.update(model, task.make_batch(raw, device, training=False))
+    metrics = evaluator.compute(device)
     model.train()
-    return task.metrics(counts.cpu())
+    return metrics
 
 
 def _optimizer(model: AVPEAModel, cfg: TrainConfig) -> torch.optim.Optimizer:

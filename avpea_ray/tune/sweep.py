@@ -37,6 +37,7 @@ from ..data import storage
 from ..model.params import build_without_weights, count_parameters
 from ..train.config import TrainConfig
 from ..train.launcher import init_ray, preflight
+from ..train.tasks import TASKS
 from ..train.tracking import flatten
 from .config import (VARIANT_AXIS, SweepConfig, check_point, describe, discrete_points,
                      is_distribution, trial_config, variant_label)
@@ -624,7 +625,8 @@ def plot_metric(summary: dict, path: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xticks(factors, [str(f) for f in factors])
     ax.set_xlabel("adapter reduction factor r (model.reduction_factor; bottleneck D / r)")
-    primary = {"avqa": "AVQA overall accuracy, %", "avel": "AVE accuracy, %"}.get(summary["task"], "")
+    primary = {"avqa": "AVQA overall accuracy, %", "avel": "AVE accuracy, %",
+               "avr": "text->video R@1+R@5+R@10", "avc": "CIDEr"}.get(summary["task"], "")
     ax.set_ylabel(f"best {summary['metric']}" + (f" ({primary})" if summary["metric"] == "val_score" else ""))
     ax.set_title(f"sweep {summary['sweep']} ({summary['num_trials']} trials; hollow: stopped early by ASHA)",
                  fontsize=10)
@@ -670,8 +672,9 @@ def report_sweep(summary: dict, summary_json: str | None = None) -> None:
     if best:
         print(f"\nbest trial {best['trial_id']}: {best['variant']}, model.reduction_factor={best['reduction_factor']}, "
               f"optim.lr={best['lr']:.2e}: {key} {best[key]:.2f} after {best['epochs_run']} epochs")
-        if best["final_metrics"].get("test_overall") is not None:
-            print(f"  its test overall accuracy {best['final_metrics']['test_overall']:.2f}%")
+        test_metric = f"test_{TASKS[summary['task']].primary_metric}"
+        if best["final_metrics"].get(test_metric) is not None:
+            print(f"  its {test_metric} {best['final_metrics'][test_metric]:.2f}")
         print(f"  best adapters: {best['checkpoint']}")
     started = "" if summary["num_trials"] >= summary["planned_trials"] else f" ({summary['planned_trials']} planned)"
     print(f"{summary['num_stopped_early']} of {summary['num_trials']} trials{started} stopped early by ASHA, "

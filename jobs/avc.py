@@ -1,0 +1,20 @@
+"""Train AV-PEA on audio-visual captioning (VALOR-32K style) with Ray Train.
+
+    python jobs/avc.py                                    # the demo: synthetic data, tiny ViT + decoder
+    python jobs/avc.py --config configs/avc_vit_b16.yaml --num-workers 8 --use-gpu \\
+        --storage-path s3://bucket/runs --run-name avc-b16
+    ray job submit --working-dir . -- python jobs/avc.py --config ...   # on a Ray cluster
+
+Teacher-forced training of a caption decoder over the AV-PEA tokens; evaluation decodes with
+beam search (evaluation.beam_size) and scores BLEU-4, METEOR (Java), ROUGE-L and CIDEr as the
+COCO caption toolkit does. Shards come from `python -m sharding.valor` (see jobs/avr.py).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+
+from avpea_ray.train.cli import DEMO_AVC, run_job  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_job("avc", __doc__, demo=DEMO_AVC))
