@@ -407,11 +407,21 @@ def write_dataset(out: str, num_videos: dict[str, int], *, seed: int = 0, second
         The QA records per split.
     """
     scenes, records = generate(num_videos, seed=seed, seconds=seconds)
-    os.makedirs(os.path.join(out, "frames"), exist_ok=True)
-    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     for split, recs in records.items():
         with open(os.path.join(out, f"avqa-{split}.json"), "w") as f:
             json.dump(recs, f)
+    write_scenes(out, scenes, seed=seed, seconds=seconds, frame_size=frame_size, texture=texture,
+                 workers=workers)
+    return records
+
+
+def write_scenes(out: str, scenes: dict[str, list[Scene]], *, seed: int, seconds: int,
+                 frame_size: tuple[int, int], texture: float, workers: int | None) -> None:
+    """Write what every synthetic dataset shares: `frames/<id>/*.jpg`, `audio/<id>.wav` and the
+    ground truth `synth_facts.json`, the media in `workers` processes (default: CPU count)."""
+    os.makedirs(os.path.join(out, "frames"), exist_ok=True)
+    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
     facts = {s.video_id: {"split": split, **asdict(s)}
              for split, ss in scenes.items() for s in ss}
     with open(os.path.join(out, "synth_facts.json"), "w") as f:
@@ -426,7 +436,6 @@ def write_dataset(out: str, num_videos: dict[str, int], *, seed: int = 0, second
     else:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(write_media, jobs, chunksize=8))
-    return records
 
 
 def main(argv: list[str] | None = None) -> None:

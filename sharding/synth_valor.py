@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
@@ -213,28 +211,15 @@ def write_dataset(out: str, num_videos: dict[str, int], *, seed: int = 0, second
         {video_id: captions} per split.
     """
     scenes, captions = generate(num_videos, seed=seed, seconds=seconds)
-    os.makedirs(os.path.join(out, "frames"), exist_ok=True)
-    os.makedirs(os.path.join(out, "audio"), exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     for split, by_video in captions.items():
         with open(os.path.join(out, f"ids_{split}.json"), "w") as f:
             json.dump(list(by_video), f)
     with open(os.path.join(out, "captions.json"), "w") as f:
         json.dump({vid: caps for by_video in captions.values() for vid, caps in by_video.items()},
                   f, indent=1)
-    facts = {s.video_id: {"split": split, **asdict(s)}
-             for split, ss in scenes.items() for s in ss}
-    with open(os.path.join(out, "synth_facts.json"), "w") as f:
-        json.dump(facts, f)
-    width, height = frame_size
-    jobs = [(s, out, seconds, width, height, texture, seed)
-            for ss in scenes.values() for s in ss]
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(jobs) < 8:
-        for job in jobs:
-            synth.write_media(job)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(synth.write_media, jobs, chunksize=8))
+    synth.write_scenes(out, scenes, seed=seed, seconds=seconds, frame_size=frame_size,
+                       texture=texture, workers=workers)
     return captions
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -115,3 +116,12 @@ def valor_shards(tmp_path_factory) -> dict[str, str]:
                            "--out", out[split], "--split", split, "--num-frames", "4",
                            "--image-size", "32", "--max-shard-bytes", "1MiB", "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """fbank on tiny tensors: extra intra-op threads only spin-wait on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ which source frame ended up in a sample even after resizing and two JPEG round t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -188,3 +189,15 @@ def write_mp4(path: str, seconds: int = 10, fps: int = 5, audio_rate: int = 44_1
                 out.mux(packet)
         for packet in audio.encode():
             out.mux(packet)
+
+
+def tree_digest(root: str) -> str:
+    """A digest of every file's path and bytes below `root` (reproducibility checks)."""
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()

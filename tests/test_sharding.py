@@ -30,13 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PICKED_OF_12 = [0, 1, 2, 4, 5, 6, 7, 9, 10, 11]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """fbank on tiny tensors: extra intra-op threads only spin-wait on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(module, argv) -> int:

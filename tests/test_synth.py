@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import collections
-import hashlib
 import json
 import os
 
@@ -13,6 +12,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+import media
 from sharding import synth
 
 RECORD_FIELDS = {"video_id", "question_id", "type", "question_content", "templ_values",
@@ -44,17 +44,6 @@ def musicavqa_question(record: dict) -> list[str]:
             p += 1
     assert p == len(values)
     return words
-
-
-def tree_digest(root: str) -> str:
-    digest = hashlib.sha256()
-    for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, root).encode())
-            with open(path, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def test_release_layout_and_records(release):
@@ -91,7 +80,7 @@ def test_release_layout_and_records(release):
 def test_same_seed_same_bytes_other_seed_other_data(release, tmp_path):
     again = str(tmp_path / "again")
     synth.write_dataset(again, SMALL, seed=0, seconds=10, frame_size=(48, 32), workers=2)
-    assert tree_digest(again) == tree_digest(release)
+    assert media.tree_digest(again) == media.tree_digest(release)
     _, other = synth.generate(SMALL, seed=1)
     _, same = synth.generate(SMALL, seed=0)
     assert other != same

@@ -8,7 +8,6 @@ moto S3 server (tests/conftest.py), ShardStream reading them back.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import re
@@ -31,13 +30,7 @@ FRAMES, SIDE = 4, 32   # --num-frames, --image-size of the shards
 CAPTION_CHARS = re.compile(r"^[a-z]+([ ,;:.()]+[a-z]+)*[.)]?$")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """fbank on tiny tensors: extra intra-op threads only spin-wait on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -128,22 +121,11 @@ def test_release_layout_and_captions(release):
             assert rate == 16_000 and wave.ndim == 1 and len(wave) == SECONDS * 16_000
 
 
-def tree_digest(root: str) -> str:
-    digest = hashlib.sha256()
-    for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, root).encode())
-            with open(path, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
-
-
 def test_same_seed_same_bytes_other_seed_other_captions(release, tmp_path):
     again = str(tmp_path / "again")
     synth_valor.write_dataset(again, SIZES, seed=5, seconds=SECONDS, frame_size=(48, 32),
                               workers=2)  # a process pool this time
-    assert tree_digest(again) == tree_digest(release)
+    assert media.tree_digest(again) == media.tree_digest(release)
     assert synth_valor.generate(SIZES, seed=6)[1] != synth_valor.generate(SIZES, seed=5)[1]
 
 

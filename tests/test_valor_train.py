@@ -70,6 +70,12 @@ def test_captioning_beats_captions_of_other_clips(valor_shards, tmp_path, ray_lo
     assert metrics["CIDEr"] > metrics["baseline_CIDEr"] + 10, metrics
     assert metrics["BLEU-4"] > metrics["baseline_BLEU-4"], metrics
 
+    # The same run again resumes from its last checkpoint: nothing left to train, the same
+    # MLflow run, and the restored best adapters decode the same captions.
+    again = run_training(cfg)
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert again["metrics"]["CIDEr"] == pytest.approx(metrics["CIDEr"])
+
 
 @pytest.mark.parametrize("task", ["avr", "avc"])
 def test_job_command_line_dry_run(valor_shards, tmp_path, task):
@@ -98,3 +104,31 @@ def test_task_and_shards_must_match(valor_shards, avqa_shards, tmp_path):
     cfg = _config(avqa_shards, tmp_path, "avr")
     with pytest.raises(ConfigError, match="shards hold dataset 'musicavqa', not what task 'avr' trains on"):
         preflight(cfg)
+
+
+@pytest.mark.parametrize("task", ["avr", "avc"])
+def test_retrieval_and_captioning_run_as_sweep_trials(valor_shards, tmp_path, ray_local, task, capsys):
+    """jobs/sweep.py over a retrieval / captioning config: a Tune trial is a Ray Train run
+    reporting the task's primary metric as val_score (one trial each, to keep the suite fast;
+    tests/test_sweep.py covers many trials, ASHA and resume)."""
+    import yaml
+
+    from avpea_ray.config import merge, parse_override
+    from avpea_ray.train.tasks import TASKS
+    from tests.test_sweep import _job
+
+    data: dict = {}
+    for text in _overrides(valor_shards, tmp_path / "runs", task, **{"optim.epochs": 1, "data.test": ""}):
+        merge(data, *parse_override(text))
+    data["sweep"] = {"name": f"{task}-sweep", "search": "grid", "space": {"model.reduction_factor": [16]},
+                     "scheduler": {"type": "fifo"}, "max_concurrent_trials": 1}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    summary_json = tmp_path / "summary.json"
+    assert _job().main(["--config", str(path), "--summary-json", str(summary_json)]) == 0
+    summary = json.loads(summary_json.read_text())
+    assert [(t["status"], t["reduction_factor"]) for t in summary["trials"]] == [("completed", 16)]
+    primary = TASKS[task].primary_metric
+    for trial in summary["trials"]:
+        assert trial["best_val_score"] == pytest.approx(trial["final_metrics"][f"val_{primary}"])
+    assert Path(summary["best"]["checkpoint"], "adapter_model.safetensors").exists()

@@ -55,6 +55,12 @@ class AVCHead(nn.Module):
                                            batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, layers)
         self.out_norm = nn.LayerNorm(hidden)
+        # The output projection is the token embedding: at nn.Embedding's N(0, 1) the initial
+        # logits have std sqrt(hidden) and the first steps only undo that (loss ~60, not ~ln V).
+        for embedding in (self.token_embed, self.position_embed, self.step_embed, self.type_embed):
+            nn.init.normal_(embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.token_embed.weight[pad_id].zero_()  # as nn.Embedding leaves its padding row
 
     # -- pieces --------------------------------------------------------------------------
     def memory(self, visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

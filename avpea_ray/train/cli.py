@@ -58,7 +58,7 @@ DEMO_AVC: dict[str, Any] = {
     "task": "avc",
     "head": {"text_model": "random", "hidden": 128, "layers": 2, "num_heads": 4},
     "data": _VALOR_DEMO_DATA,
-    "optim": {"epochs": 10, "lr": 1e-3, "warmup_steps": 10},
+    "optim": {"epochs": 12, "lr": 3e-3, "warmup_steps": 10},
     "run": {"name": "avc-demo", "num_workers": 1, "cpus_per_worker": 1, "log_every_steps": 5},
 }
 
