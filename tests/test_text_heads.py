@@ -265,3 +265,57 @@ def test_gather_with_local_grad_across_two_ranks():
         assert objects == ["r0", "r1"]
     assert results[0][1] == [[1.0, 1.0]]                # only the local rows get gradients
     assert results[1][1] == [[2.0, 2.0], [3.0, 3.0]]
+
+
+# -- retrieval evaluation over a test set split across ranks ---------------------------------
+
+def _retrieval_batch(video_ids: list[str]):
+    """Clips and two captions each, deterministic per video id (whichever rank holds it)."""
+    from avpea_ray.train.tasks import Batch
+
+    seeds = [int(v[1:]) for v in video_ids]
+    clips = [clip_batch(batch=1, seed=s) for s in seeds]
+    frames, fbank = torch.cat([c[0] for c in clips]), torch.cat([c[1] for c in clips])
+    tokens = torch.tensor([[2, 5 + (s + k) % 20, 6 + s % 7, 3] for s in seeds for k in (0, 1)])
+    owners = torch.arange(len(seeds)).repeat_interleave(2)
+    return Batch(frames, fbank, {"caption_tokens": tokens, "caption_mask": tokens != 0},
+                 {"video_ids": video_ids, "caption_video_index": owners}, len(seeds))
+
+
+VIDEOS = [f"v{i}" for i in range(10)]
+
+
+def _evaluate_retrieval(parts: list[list[str]]) -> dict[str, float]:
+    from avpea_ray.train.tasks import RetrievalEvaluator
+
+    torch.manual_seed(0)
+    model = tiny_model("avr").eval()
+    evaluator = RetrievalEvaluator()
+    with torch.no_grad():
+        for part in parts:
+            evaluator.update(model, _retrieval_batch(part))
+    return evaluator.compute(torch.device("cpu"))
+
+
+def _retrieval_worker(rank: int, port: int, queue) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # Uneven halves, in batches, in another order than the single-process run.
+    parts = [["v9", "v2", "v4"], ["v0"]] if rank == 0 else [["v7", "v1"], ["v3", "v8", "v5", "v6"]]
+    queue.put((rank, _evaluate_retrieval(parts)))
+    dist.destroy_process_group()
+
+
+def test_retrieval_over_a_test_set_split_across_two_ranks_equals_one_process():
+    expected = _evaluate_retrieval([VIDEOS[:4], VIDEOS[4:]])
+    assert expected["num_videos"] == 10 and expected["num_captions"] == 20
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    workers = [ctx.Process(target=_retrieval_worker, args=(r, port, queue)) for r in range(2)]
+    for w in workers:
+        w.start()
+    results = dict(queue.get(timeout=180) for _ in workers)
+    for w in workers:
+        w.join(timeout=60)
+    for rank in range(2):
+        assert results[rank] == pytest.approx(expected)

@@ -530,8 +530,12 @@ class ShardStream:
                              multiprocessing_context=multiprocessing_context)
             if prefetch_factor is not None:
                 loader_kw["prefetch_factor"] = prefetch_factor
+        # Its own generator: each new iterator draws the workers' base seed from it, not from
+        # the global torch RNG, so starting an epoch (or resuming one) leaves the training RNG
+        # (dropout, checkpointed per rank) where it was.
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
-                                  collate_fn=_passthrough, pin_memory=pin_memory, **loader_kw)
+                                  collate_fn=_passthrough, pin_memory=pin_memory,
+                                  generator=torch.Generator().manual_seed(seed), **loader_kw)
         self._stats = dict.fromkeys(COUNTERS, 0)
         self._corrupt: dict[str, str] = {}
         self._bad_samples: dict[str, str] = {}
