@@ -12,11 +12,13 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -40,6 +42,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.data.seed)  # identical initial adapters/head on every rank
+    # Host-side randomness (e.g. which caption of a clip a step trains on) differs per rank but
+    # repeats from run to run; checkpoints carry these states on.
+    random.seed(f"avpea/{cfg.data.seed}/{rank}")
+    np.random.seed((cfg.data.seed * 1_000_003 + rank) % 2**32)
 
     task = make_task(cfg, read_index(cfg.data.train))
     model = AVPEAModel(cfg.model, cfg.task, task.head_kwargs() | cfg.head).to(device)
