@@ -272,7 +272,7 @@ class AVCTask(_CaptionTask):
                 else tok.eos_token_id, "pad_id": tok.pad_token_id, "max_length": self.max_tokens}
 
     def make_batch(self, batch: dict, device: torch.device, training: bool = True) -> Batch:
-        texts, owners = self.pick_captions(batch, per_clip=self.cfg.data.captions_per_clip)
+        texts, owners = self.pick_captions(batch, self.cfg.data.captions_per_clip if training else None)
         tokens, _ = self.tokenize(texts, device)
         return self._batch(batch, device, texts, owners, caption_tokens=tokens,
                            caption_video_index=torch.tensor(owners, device=device))
