@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -88,9 +89,10 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             return value
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # JSON overrides accept Infinity and NaN; no setting means either.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value
@@ -146,14 +148,17 @@ def merge(base: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def load_config(cls: type, file: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> Any:
-    """The resolved config: defaults <- `base` <- file <- overrides.
+                overrides: list[str] | tuple[str, ...] = (), base: dict | None = None,
+                values: dict[str, Any] | None = None) -> Any:
+    """The resolved config: defaults <- `base` <- file <- overrides <- values.
 
     Args:
         cls: the top-level config dataclass.
         file: optional JSON/YAML file.
         overrides: `section.key=value` strings, applied in order.
         base: optional defaults a job sets before the file (e.g. the demo's tiny ViT).
+        values: dotted keys -> already typed values (command-line flags), set as they are:
+            no character in a path or name is parsed.
     """
     data = json.loads(json.dumps(base or {}))
     if file:
@@ -161,6 +166,8 @@ def load_config(cls: type, file: str | Path | None = None,
             merge(data, key, value)
     for text in overrides:
         merge(data, *parse_override(text))
+    for key, value in (values or {}).items():
+        merge(data, key.split("."), value)
     return from_dict(cls, data)
 
 

@@ -18,13 +18,13 @@ from avpea_ray.config import ConfigError  # noqa: E402
 from avpea_ray.train.cli import (DEMO_LAYOUT, DEMO_NOTICE, DEMO_TRAIN_SHARDS,  # noqa: E402
                                  ensure_demo_data, fail)
 from avpea_ray.tune.config import DEMO_SWEEP, load_sweep_config  # noqa: E402
-from avpea_ray.tune.sweep import parse_sweep_args, report_sweep, run_sweep, sweep_overrides  # noqa: E402
+from avpea_ray.tune.sweep import parse_sweep_args, report_sweep, run_sweep, sweep_flags  # noqa: E402
 
 
 def main(argv=None) -> int:
     args = parse_sweep_args(__doc__, argv)
     try:
-        cfg, sweep = load_sweep_config(args.config, sweep_overrides(args),
+        cfg, sweep = load_sweep_config(args.config, args.overrides, values=sweep_flags(args),
                                        base=None if args.config else DEMO_SWEEP)
         if cfg.data.train in DEMO_TRAIN_SHARDS:  # the demo sweep, or a sweep file over demo data
             print(DEMO_NOTICE.format(layout=DEMO_LAYOUT[cfg.task]))

@@ -9,12 +9,18 @@ promises, the json's dataset-specific fields (VALOR: video_id, captions), sample
 listed, no key twice; side files (vocab.json, vocab.txt) match their sha256;
 and at least R x W shards, since fewer shards than ranks x loader workers hangs DDP.
 Prints one line per problem naming the shard; exit 1 if any, 0 if none.
+
+Only files under the index's directory are read: a shard url (or side file name) that is
+empty, absolute, has a scheme or a '..' component is reported and never opened, and so is a
+local file that is not a regular file (a device, a FIFO, a symlink to /dev/zero). A shard is
+read up to one byte past its listed size, never further.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import sys
 import tarfile
 from typing import Iterator, Sequence
@@ -24,21 +30,28 @@ from sharding import common
 
 
 class _HashingReader:
-    """A read-only stream wrapper that hashes and counts the bytes read through it."""
+    """A read-only stream wrapper that hashes and counts the bytes read through it.
 
-    def __init__(self, f):
+    Reads stop after `limit` bytes (then read() returns b"" as at the end of the file).
+    """
+
+    def __init__(self, f, limit: int):
         self._f = f
+        self.limit = limit
         self.sha256 = hashlib.sha256()
         self.count = 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
+        left = self.limit - self.count
+        if left <= 0:
+            return b""
+        data = self._f.read(left if size is None or size < 0 else min(size, left))
         self.sha256.update(data)
         self.count += len(data)
         return data
 
     def drain(self) -> None:
-        """Read to the end so that the digest covers the whole file."""
+        """Read to the end (or the limit) so that the digest covers the whole file."""
         while self.read(1 << 20):
             pass
 
@@ -130,6 +143,11 @@ def check_sample(key: str, members: dict, index: shards.ShardIndex) -> list[str]
     return problems
 
 
+def _not_regular(url: str) -> bool:
+    """Whether `url` is a local path to something other than a regular file (or a link to one)."""
+    return storage.is_local(url) and not os.path.isfile(storage.local_path(url))
+
+
 def check_shard(url: str, info: shards.ShardInfo, index: shards.ShardIndex,
                 seen: dict[str, str]) -> list[str]:
     """Problems with one shard (each line without the shard's name; the caller adds it).
@@ -142,6 +160,9 @@ def check_shard(url: str, info: shards.ShardInfo, index: shards.ShardIndex,
     """
     if not storage.exists(url):
         return ["missing (listed in the index but not on storage)"]
+    if _not_regular(url):
+        # A device, FIFO or directory: reading /dev/zero never ends, opening a FIFO blocks.
+        return ["not a regular file; not opened"]
     problems: list[str] = []
     actual = storage.size(url)
     if actual != info.bytes:
@@ -149,7 +170,9 @@ def check_shard(url: str, info: shards.ShardInfo, index: shards.ShardIndex,
                         "(truncated or replaced?)")
     keys: list[str] = []
     with storage.open_url(url, "rb") as f:
-        reader = _HashingReader(f)
+        # One byte past the listed size tells a longer file from a complete one without
+        # reading an unbounded stream.
+        reader = _HashingReader(f, limit=info.bytes + 1)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for key, members in iter_samples(tar, problems):
@@ -162,6 +185,9 @@ def check_shard(url: str, info: shards.ShardInfo, index: shards.ShardIndex,
             problems.append(f"not a readable tar ({type(exc).__name__}: {exc}); "
                             f"read {len(keys)} sample(s) before that")
         reader.drain()
+    if reader.count > info.bytes and actual <= info.bytes:  # else the size line said it
+        problems.append(f"longer than the {info.bytes} bytes the index says "
+                        "(grew while being read?)")
     if reader.sha256.hexdigest() != info.sha256:
         problems.append(f"sha256 mismatch: file {reader.sha256.hexdigest()[:16]}..., "
                         f"index {info.sha256[:16]}...")
@@ -196,15 +222,27 @@ def validate(url: str, ranks: int = 1, loader_workers: int = 1) -> list[str]:
                         f"{loader_workers} loader worker(s) = {readers} readers need at least "
                         f"one each; reshard with a smaller --max-shard-bytes")
     seen: dict[str, str] = {}
-    for shard_url, info in zip(index.shard_urls(), index.shards):
+    for i, (shard_url, info) in enumerate(zip(index.shard_urls(), index.shards)):
+        reason = shards.url_problem(info.url)
+        if reason:
+            problems.append(f"shards[{i}] {info.url!r}: {reason}, not a plain name under "
+                            f"{index.root}; not opened")
+            continue
         problems.extend(f"{info.url}: {p}" for p in check_shard(shard_url, info, index, seen))
     for name, digest in (index.extra.get("files") or {}).items():
+        reason = shards.url_problem(name)
+        if reason:
+            problems.append(f"extra.files {name!r}: {reason}, not a plain name under "
+                            f"{index.root}; not opened")
+            continue
         file_url = storage.join(index.root, name)
-        try:
-            data = storage.read_bytes(file_url)
-        except FileNotFoundError:
+        if not storage.exists(file_url):
             problems.append(f"{name}: missing (the index records it)")
             continue
+        if _not_regular(file_url):
+            problems.append(f"{name}: not a regular file; not opened")
+            continue
+        data = storage.read_bytes(file_url)
         if hashlib.sha256(data).hexdigest() != digest:
             problems.append(f"{name}: sha256 differs from the index (written by another run?)")
     return problems

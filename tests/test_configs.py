@@ -5,6 +5,8 @@ download).
 """
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -189,6 +191,67 @@ def test_cluster_token_auth(cluster):
         assert "RAY_AUTH_MODE=disabled" not in start, key
 
 
+def _mlflow_server_command(cluster) -> tuple[str, list[str]]:
+    """The head command that starts `mlflow server`, and that server's arguments."""
+    found = [c for c in cluster["head_setup_commands"] + cluster["head_start_ray_commands"]
+             if "mlflow server" in c]
+    assert len(found) == 1, "exactly one head command starts the MLflow server"
+    command = found[0]
+    # The arguments up to the first redirection, closing bracket or command separator.
+    args = re.search(r"mlflow server(.*?)(?:[<>);&|]|$)", command).group(1)
+    return command, shlex.split(args)
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name:
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def test_cluster_mlflow_server_is_private_and_authenticated(cluster):
+    """The MLflow server proxies S3 with the head's IAM role: it must listen on the head's
+    private address only (not 0.0.0.0) and require a login (MLflow's basic-auth app)."""
+    command, args = _mlflow_server_command(cluster)
+    host = _option(args, "--host")
+    assert host is not None, "--host must be given: MLflow's default may change"
+    assert host not in ("0.0.0.0", "::", "[::]", "*"), f"binds every interface: --host {host}"
+    assert "0.0.0.0" not in command
+    assert not host.startswith("127.") and host != "localhost", "workers could not reach it"
+    assert _option(args, "--app-name") == "basic-auth"
+    # The auth config and the secrets come from files on the head, never from the repo.
+    assert "MLFLOW_AUTH_CONFIG_PATH=" in command
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in command
+    assert re.search(r"MLFLOW_AUTH_ADMIN_PASSWORD=\"?\$\(cat ", command), \
+        "the admin password is read from a file the user provides"
+    # Flask-WTF, which the basic-auth app imports, is not in requirements.lock.
+    assert "mlflow[auth]" in " ".join(cluster["head_setup_commands"])
+
+
+def test_cluster_mlflow_credentials_stay_out_of_the_repo(cluster):
+    """No password in cluster.yaml or in a tracking URI; every node's Ray (hence every job
+    driver and Train worker) gets MLFLOW_TRACKING_USERNAME/PASSWORD from a file the user
+    provides."""
+    text = CLUSTER.read_text()
+    assert not re.search(r"(?im)^[^#]*\b(admin_password|MLFLOW_[A-Z_]*PASSWORD)\s*=\s*[\"']?\w",
+                         text), "a literal password in cluster.yaml"
+    assert "password1234" not in text  # older MLflow's shipped default
+    start = " ".join(cluster["head_start_ray_commands"])
+    uri = re.search(r'MLFLOW_TRACKING_URI=("[^"]*"|\S+)', start).group(1)
+    assert "@" not in uri, "credentials must not be put in the tracking URI"
+    # The URI points at the address the server binds.
+    _, args = _mlflow_server_command(cluster)
+    assert _option(args, "--port") in uri
+    env_file = "~/.avpea-ray/mlflow_tracking.env"
+    assert cluster["file_mounts"].get("~/.avpea-ray") == "~/.avpea-ray"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        ray_start = next(c for c in cluster[key] if "ray start" in c)
+        assert f". {env_file}" in ray_start and "set -a" in ray_start, key
+        assert ray_start.index(env_file) < ray_start.index("ray start"), key
+
+
 # -- docs/cluster.md --------------------------------------------------------------------------
 
 def test_docs_cover_every_paper_config():
@@ -200,3 +263,13 @@ def test_docs_cover_every_paper_config():
                   "ave/train", "ave/val", "ave/test"):
         assert f"s3://YOUR-BUCKET/avpea/{split}" in text, split
     assert "python -m sharding.validate" in text and "--ranks 8 --loader-workers 4" in text
+
+
+def test_docs_mlflow_is_private_and_authenticated():
+    text = DOCS.read_text()
+    assert "### MLflow on the cluster: private and authenticated" in text
+    assert "--app-name basic-auth" in text
+    assert "MLFLOW_TRACKING_USERNAME" in text and "MLFLOW_TRACKING_PASSWORD" in text
+    # The UI is reached through a tunnel to the private address, not the head's localhost.
+    assert "--remote-port 5000" not in text
+    assert "-L 5000:$HEAD_PRIVATE_IP:5000" in text

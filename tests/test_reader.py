@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from avpea_ray.data import shards
-from avpea_ray.data.reader import (ShardStream, batches_done_per_worker, plan_epoch,
-                                   shuffled)
+from avpea_ray.data.reader import (DataDamageError, ShardStream, batches_done_per_worker,
+                                   check_shards_present, plan_epoch, shuffled)
 
 SHARD_SIZES = (7, 3, 6, 2, 5)
 N = sum(SHARD_SIZES)
@@ -224,6 +224,26 @@ def test_breaking_out_and_iterating_again_continues_the_epoch(split, persistent)
     assert first + keys_of(s) == full
 
 
+def test_resume_refuses_a_state_from_another_shard_set(split, tmp_path):
+    s = stream(split, 0, training=True)
+    for _ in zip(range(1), s):
+        pass
+    state = s.state_dict()
+    resharded = str(tmp_path / "resharded")  # the same samples, sharded again: refused
+    write_split(resharded)
+    other = stream(resharded, 0, training=True)
+    assert other.index.total_samples == s.index.total_samples
+    with pytest.raises(ValueError, match="shard set changed since the checkpoint"):
+        other.load_state_dict(state)
+    assert state["index_id"] == shards.index_id(shards.read_index(split))
+    copy = str(tmp_path / "copy")  # the same shards elsewhere: accepted
+    shutil.copytree(split, copy)
+    stream(copy, 0, training=True).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "index_id"}  # an older reader's state
+    with pytest.raises(ValueError, match="no index_id"):
+        stream(split, 0, training=True).load_state_dict(old)
+
+
 @pytest.mark.parametrize("change,match", [
     ({"world": 4}, "world_size"),
     ({"workers": 1}, "num_workers"),
@@ -256,7 +276,7 @@ def test_truncated_shard_is_skipped_named_and_counted(damaged_split, caplog):
     seen, lost, corrupt = [], 0, set()
     with caplog.at_level(logging.WARNING, logger="avpea_ray.data.reader"):
         for rank in range(WORLD):
-            s = stream(url, rank, training=False)
+            s = stream(url, rank, training=False, allow_damaged=True)
             seen += keys_of(s)
             lost += s.stats["samples_lost"]
             corrupt |= set(s.stats["corrupt_shards"])
@@ -270,10 +290,95 @@ def test_truncated_shard_is_skipped_named_and_counted(damaged_split, caplog):
 
 def test_training_over_a_damaged_shard_keeps_steps_equal(damaged_split):
     url, _, _ = damaged_split
-    streams = [stream(url, r, training=True, epoch=e) for r in range(WORLD) for e in (0, 1)]
+    streams = [stream(url, r, training=True, epoch=e, allow_damaged=True)
+               for r in range(WORLD) for e in (0, 1)]
     counts = [len(keys_of(s)) for s in streams]
     assert len(set(counts)) == 1 and counts[0] == streams[0].steps_per_epoch * BATCH
     assert any(s.stats["refilled"] for s in streams)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_fails_on_a_truncated_shard_by_default(damaged_split, workers):
+    url, victim, _ = damaged_split
+    with pytest.raises(DataDamageError) as err:
+        for rank in range(WORLD):  # the victim lies in some rank's share in every epoch
+            for epoch in (0, 1):
+                keys_of(stream(url, rank, training=True, epoch=epoch, workers=workers))
+    message = str(err.value)
+    assert victim in message and ("truncated" in message or "unreadable" in message)
+    assert f"python -m sharding.validate {url}" in message and "allow_damaged" in message
+
+
+@pytest.fixture
+def missing_shard_split(split, tmp_path) -> tuple[str, str]:
+    """A copy of the split without its fourth shard (2 samples)."""
+    out = str(tmp_path / "missing")
+    shutil.copytree(split, out)
+    victim = shards.read_index(out).shard_urls()[3]
+    os.remove(victim)
+    return out, victim
+
+
+def test_eval_with_a_missing_shard_fails_naming_it(missing_shard_split):
+    url, victim = missing_shard_split
+    with pytest.raises(DataDamageError, match=r"missing.*re-shard the split") as err:
+        for rank in range(WORLD):
+            keys_of(stream(url, rank, training=False))
+    assert victim in str(err.value)
+
+
+def test_eval_with_allow_damaged_counts_every_lost_sample(missing_shard_split):
+    url, victim = missing_shard_split
+    seen, lost, corrupt = [], 0, set()
+    for rank in range(WORLD):
+        s = stream(url, rank, training=False, allow_damaged=True)
+        seen += keys_of(s)
+        lost += s.stats["samples_lost"]
+        corrupt |= set(s.stats["corrupt_shards"])
+    first = sum(SHARD_SIZES[:3])
+    assert sorted(seen) == KEYS[:first] + KEYS[first + SHARD_SIZES[3]:]
+    assert lost == SHARD_SIZES[3] == N - len(seen) and corrupt == {victim}
+
+
+def test_check_shards_present_names_missing_and_resized_shards(split, tmp_path):
+    assert check_shards_present(shards.read_index(split)) == []
+    out = str(tmp_path / "copy")
+    shutil.copytree(split, out)
+    urls = shards.read_index(out).shard_urls()
+    os.remove(urls[1])
+    with open(urls[4], "ab") as f:
+        f.write(b"\0" * 512)
+    problems = check_shards_present(out)
+    assert len(problems) == 2
+    assert problems[0].startswith(urls[1]) and "missing" in problems[0]
+    assert problems[1].startswith(urls[4]) and "the index lists" in problems[1]
+
+
+@pytest.fixture(scope="module")
+def undecodable_split(tmp_path_factory) -> tuple[str, str]:
+    """6 samples in one shard; sample "bad02" has intact tar members but a frame that is
+    not a JPEG."""
+    out = str(tmp_path_factory.mktemp("undecodable"))
+    with shards.ShardWriter(out, split="test", dataset="toy", num_frames=2, image_size=32,
+                            audio={"num_mel_bins": 8}) as writer:
+        for i in range(6):
+            frames = [np.full((32, 32, 3), 10 * i, np.uint8)] * 2
+            sample = shards.encode_sample(f"bad{i:02d}", frames, np.zeros((2, 4, 8)), {})
+            if i == 2:
+                sample["frame01.jpg"] = b"not a jpeg"
+            writer.write(sample)
+    return out, shards.read_index(out).shard_urls()[0]
+
+
+def test_an_undecodable_sample_fails_naming_key_and_shard(undecodable_split):
+    url, shard = undecodable_split
+    with pytest.raises(DataDamageError) as err:
+        keys_of(stream(url, training=False, world=1, workers=1))
+    assert "sample bad02" in str(err.value) and shard in str(err.value)
+    s = stream(url, training=False, world=1, workers=1, allow_damaged=True)
+    assert keys_of(s) == ["bad00", "bad01", "bad03", "bad04", "bad05"]
+    assert s.stats["decode_errors"] == s.stats["samples_lost"] == 1
+    assert list(s.stats["bad_samples"]) == ["bad02"]
 
 
 class FlakyOpener:

@@ -232,6 +232,89 @@ def test_read_index_errors_name_the_problem(tmp_path, content, message):
     assert "shards.json" in str(err.value)
 
 
+def _write_split(out, split: str = "train", n: int = 3, seed: int = 0) -> shards.ShardIndex:
+    """A toy split of `n` one-sample shards written into `out` by a `ShardWriter` run."""
+    rng = np.random.default_rng(seed)
+    with shards.ShardWriter(str(out), split=split, dataset="toy", num_frames=2, image_size=16,
+                            audio={}, max_shard_bytes=1) as writer:
+        for i in range(n):
+            writer.write(_sample(f"{split}{i}", rng))
+    return shards.read_index(str(out))
+
+
+def _urls(index: shards.ShardIndex) -> set:
+    return {s.url for s in index.shards}
+
+
+# Files a train-split writer did not write, however much they look like shards or temp files.
+FOREIGN = ["imagenet-000000.tar", "shard-000123.tar", "val-000001.tar", "train-000007.tar",
+           "train-0123abcd-000000.tar", ".notes.tmp-abc", ".vocab.json.tmp-abcd1234",
+           ".val-0123abcd-000000.tar.tmp-abcd1234", ".train-0123abcd-000000.tar.tmp-abc"]
+
+
+def test_rerun_removes_only_the_shards_its_previous_index_listed(tmp_path):
+    for name in FOREIGN:
+        (tmp_path / name).write_bytes(name.encode())
+    first = _write_split(tmp_path)
+    assert set(os.listdir(tmp_path)) == set(FOREIGN) | _urls(first) | {shards.INDEX_NAME}
+    second = _write_split(tmp_path)
+    assert not _urls(first) & _urls(second)
+    # The first run's shards are gone; every file no index of this writer listed stays.
+    assert set(os.listdir(tmp_path)) == set(FOREIGN) | _urls(second) | {shards.INDEX_NAME}
+    for name in FOREIGN:
+        assert (tmp_path / name).read_bytes() == name.encode()
+
+
+def test_rerun_removes_this_splits_temp_files_only(tmp_path):
+    # What a killed train writer leaves: temp files named by the writer's own naming.
+    for name in ["train-0123abcd-000004.tar", shards.INDEX_NAME]:
+        storage.local_temp_path(str(tmp_path / name))
+    theirs = [".notes.tmp-abc", ".val-0123abcd-000000.tar.tmp-abcd1234",
+              ".train-0123abcd-000000.tar.tmp-ABCD1234", ".shards.json.tmp-abc", "notes.txt"]
+    for name in theirs:
+        (tmp_path / name).write_bytes(b"x")
+    assert len(os.listdir(tmp_path)) == len(theirs) + 2
+    index = _write_split(tmp_path)
+    assert set(os.listdir(tmp_path)) == set(theirs) | _urls(index) | {shards.INDEX_NAME}
+
+
+def test_another_splits_shards_survive(tmp_path):
+    train = _write_split(tmp_path, "train")
+    val = _write_split(tmp_path, "val")  # replaces the train index: it listed another split
+    val_again = _write_split(tmp_path, "val", seed=1)
+    names = set(os.listdir(tmp_path))
+    assert _urls(train) <= names and _urls(val_again) <= names
+    assert not _urls(val) & names  # the val rerun still drops val's previous shards
+
+
+@pytest.mark.parametrize("previous", [None, b"{not json", b'{"format": "other/2"}'])
+def test_missing_or_unreadable_previous_index_removes_nothing(tmp_path, previous):
+    first = _write_split(tmp_path)
+    os.remove(tmp_path / shards.INDEX_NAME)
+    if previous is not None:
+        (tmp_path / shards.INDEX_NAME).write_bytes(previous)
+    second = _write_split(tmp_path)
+    assert set(os.listdir(tmp_path)) == _urls(first) | _urls(second) | {shards.INDEX_NAME}
+
+
+def test_previous_index_urls_outside_the_folder_are_not_deleted(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    _write_split(out)
+    outside.mkdir()
+    doc = json.loads((out / shards.INDEX_NAME).read_text())
+    victims = [outside / "train-0123abcd-000000.tar", outside / "train-0123abcd-000001.tar",
+               out / "sub" / "train-0123abcd-000002.tar"]
+    urls = [str(victims[0]), "../outside/train-0123abcd-000001.tar",
+            "sub/train-0123abcd-000002.tar"]
+    for i, (victim, url) in enumerate(zip(victims, urls)):
+        os.makedirs(victim.parent, exist_ok=True)
+        victim.write_bytes(b"keep")
+        doc["shards"][i]["url"] = url
+    (out / shards.INDEX_NAME).write_text(json.dumps(doc))
+    _write_split(out)
+    assert all(victim.read_bytes() == b"keep" for victim in victims)
+
+
 # -- MUSIC-AVQA ------------------------------------------------------------------------------
 
 AVQA_TRAIN = [
@@ -494,7 +577,11 @@ def test_sigkill_keeps_previous_index_and_rerun_replaces(tmp_path):
     assert run(musicavqa, argv) == 0
     index = shards.read_index(str(out))
     assert index.total_samples == 40 and validate.validate(str(out)) == []
-    assert set(os.listdir(out)) == {s.url for s in index.shards} | {
+    # The previous run's shards and the killed run's temp files are gone. The shards the
+    # killed run published stay: no index listed them, so nothing proves they are ours.
+    killed_shards = {n for n in left if not n.startswith(".")}
+    assert killed_shards
+    assert set(os.listdir(out)) == {s.url for s in index.shards} | killed_shards | {
         "shards.json", "vocab.json", "report.json"}
 
 
@@ -550,6 +637,89 @@ def test_validate(good_split, tmp_path, capsys, damage, ranks, workers, expected
         assert all(line.startswith(target) for line in printed.splitlines())
     if damage is _truncate:
         assert any("not a readable tar" in line for line in printed.splitlines())
+
+
+def _list_as(split, target: str, url: str) -> None:
+    """Rewrite the index so that the entry of shard `target` says `url`."""
+    doc = json.loads((split / shards.INDEX_NAME).read_text())
+    (entry,) = [e for e in doc["shards"] if e["url"] == target]
+    entry["url"] = url
+    (split / shards.INDEX_NAME).write_text(json.dumps(doc))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("url,why", [
+    ("/dev/zero", "absolute path"), ("/etc/passwd", "absolute path"),
+    ("../other/x.tar", "'..' path component"), ("sub/../../other/x.tar", "'..' path component"),
+    ("file:///dev/zero", "scheme"), ("", "empty url"),
+])
+def test_validate_never_opens_shards_outside_the_split(good_split, tmp_path, capsys, url, why):
+    split = tmp_path / "split"
+    shutil.copytree(good_split, split)
+    target = shards.read_index(str(split)).shards[1].url
+    # A complete, checksum-correct shard out there: only its place is wrong.
+    os.makedirs(tmp_path / "other")
+    shutil.move(split / target, tmp_path / "other" / "x.tar")
+    _list_as(split, target, url)
+    started = time.monotonic()
+    code = validate.main([str(split)])
+    printed = capsys.readouterr().out.splitlines()
+    assert time.monotonic() - started < 10
+    assert code == 1
+    assert len(printed) == 1 and repr(url) in printed[0] and why in printed[0], printed
+    assert "not opened" in printed[0]
+
+
+@pytest.mark.timeout(30)
+def test_validate_never_reads_a_device(good_split, tmp_path, capsys):
+    split = tmp_path / "split"
+    shutil.copytree(good_split, split)
+    target = shards.read_index(str(split)).shards[1].url
+    os.remove(split / target)
+    os.symlink("/dev/zero", split / target)
+    assert validate.main([str(split)]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"{target}: not a regular file; not opened"]
+
+
+def test_validate_reports_a_shard_longer_than_listed(good_split, tmp_path, capsys, monkeypatch):
+    split = tmp_path / "split"
+    shutil.copytree(good_split, split)
+    info = shards.read_index(str(split)).shards[1]
+    with open(split / info.url, "ab") as f:
+        f.write(b"\0" * (8 << 20))
+    assert validate.main([str(split)]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"{info.url}: size is") for line in printed), printed
+    # A file that grows after its size was taken: the read stops one byte past the listing.
+    opened = []
+    real_open = storage.open_url
+    monkeypatch.setattr(storage, "size", lambda url: info.bytes)
+    monkeypatch.setattr(storage, "open_url",
+                        lambda url, mode="rb": opened.append(_CountingFile(real_open(url, mode)))
+                        or opened[-1])
+    problems = validate.validate(str(split))
+    assert f"{info.url}: longer than the {info.bytes} bytes the index says " \
+        "(grew while being read?)" in problems, problems
+    assert len(opened) == 3 and opened[1].count == info.bytes + 1
+
+
+class _CountingFile:
+    """A file that counts the bytes read from it."""
+
+    def __init__(self, f):
+        self._f, self.count = f, 0
+
+    def read(self, size=-1):
+        data = self._f.read(size)
+        self.count += len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
 
 
 def test_validate_on_s3_names_the_shard(s3, good_split):

@@ -13,6 +13,7 @@ import pytest
 from avpea_ray.config import ConfigError
 from avpea_ray.train.cli import parse_job_args, resolve_config
 from avpea_ray.train.launcher import preflight
+from tests.ledger import attempts, effective_batches, planned_batches
 from tests.toy import free_port, train_overrides as _overrides
 
 pytestmark = pytest.mark.slow
@@ -23,17 +24,6 @@ PYTHON_BIN = str(Path(sys.executable).parent)
 def _config(shards, storage, **extra):
     """The resolved TrainConfig the job would build from these overrides."""
     return resolve_config(parse_job_args("", _overrides(shards, storage, **extra)), None)[0]
-
-
-def _ledger(storage: Path, name: str) -> dict[tuple[int, int, int], list[str]]:
-    """The batches each rank finally trained on: a batch re-done after a restart replaces the
-    copy the crashed attempt wrote."""
-    batches = {}
-    for file in sorted((storage / name / "ledger").glob("rank*.jsonl")):
-        for line in file.read_text().splitlines():
-            entry = json.loads(line)
-            batches[(entry["epoch"], entry["batch"], entry["rank"])] = entry["ids"]
-    return batches
 
 
 def test_two_worker_ddp_learns_and_tracks(avqa_shards, tmp_path, ray_local):
@@ -71,12 +61,16 @@ def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(avqa_shar
     crashed = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "crashed", "run.fail_at_step": 5,
                                                                    "run.fail_rank": 1}))
     assert (tmp_path / "crashed" / "failure-injected-at-5").exists()  # it did die
-    clean_batches, crashed_batches = _ledger(tmp_path, "clean"), _ledger(tmp_path, "crashed")
-    steps_per_epoch = max(b for _, b, _ in clean_batches)
-    assert 5 % steps_per_epoch > 3  # it died mid-epoch, after a mid-epoch checkpoint (every 3 steps)
-    assert crashed_batches == clean_batches
+    # Both ranks restarted from the step-3 checkpoint, mid-epoch (a restart from scratch, or
+    # from the epoch's start, would say 0 here and re-train what the checkpoint holds).
+    for rank, runs in attempts(tmp_path / "crashed").items():
+        assert [(a.restored["global_step"], a.restored["batch"]) for a in runs] == [(0, 0), (3, 3)], rank
+    planned = planned_batches(avqa_shards["train"], world_size=2, epochs=2, batch_size=8, loader_workers=1,
+                              shuffle_buffer=16)
+    assert effective_batches(tmp_path / "clean") == planned
+    assert effective_batches(tmp_path / "crashed") == planned  # every sample once, none repeated
     for epoch in (0, 1):
-        ids = [i for (e, _, _), batch in clean_batches.items() if e == epoch for i in batch]
+        ids = [i for (e, _, _), batch in planned.items() if e == epoch for i in batch]
         assert len(ids) == len(set(ids))  # each sample at most once per epoch
     assert crashed["best_val_score"] == pytest.approx(clean["best_val_score"], abs=1e-6)
 
@@ -101,18 +95,29 @@ def test_mlflow_server_and_driver_restart_continue_one_run(avqa_shards, tmp_path
                 break
             except requests.RequestException:
                 time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        # A token in the URI (what users put there) must not reach params or summaries.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://avpea:tok3n@127.0.0.1:{port}")
         fast = {"data.test": "", "data.batch_size": 8}
         first = run_training(_config(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 1, **fast}))
         # The driver comes back (same name and storage) and trains one more epoch.
         second = run_training(_config(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 2, **fast}))
-        assert first["mlflow_tracking_uri"] == uri and second["mlflow_run_id"] == first["mlflow_run_id"]
+        assert first["mlflow_tracking_uri"] == f"http://***@127.0.0.1:{port}"
+        assert second["mlflow_run_id"] == first["mlflow_run_id"]
         client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("avpea-ray").experiment_id])
         assert len(runs) == 1
         history = client.get_metric_history(first["mlflow_run_id"], "val_overall")
         assert len(history) == 2  # epoch 0 from the first driver, epoch 1 from the second
         assert {a.path for a in client.list_artifacts(first["mlflow_run_id"])} >= {"config.json", "adapters"}
+        run = client.get_run(first["mlflow_run_id"])
+        assert "tok3n" not in json.dumps(run.data.params) + json.dumps(second)
+        assert run.data.tags["avpea.changed.optim.epochs"] == "1 -> 2"
+        # A changed model is refused before anything starts: exit 2, the finished run untouched.
+        from avpea_ray.train.cli import run_job
+        code = run_job("avqa", "", [*_overrides(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 2,
+                                                                          **fast}), "model.reduction_factor=16"])
+        assert code == 2
+        assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
     finally:
         server.terminate()
         server.wait(timeout=30)

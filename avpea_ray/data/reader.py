@@ -12,14 +12,25 @@ Guarantees (docs/data_format.md, "The reader's contract"):
   ones are dropped changes from epoch to epoch with the shard order.
 - The order is a function of (seed, epoch, world_size, num_workers, batch_size,
   shuffle_buffer, drop_last) only.
-- Mid-epoch resume: `state_dict()` records (epoch, batches consumed); loading it and
-  iterating yields exactly the batches not yet consumed in that epoch, in the order the
-  uninterrupted epoch would have had. The state is the same on every rank in training,
-  so rank 0's checkpoint resumes all ranks. Other settings are refused with a message.
-- A truncated, corrupt or missing shard is logged by name, counted in `stats` and skipped
-  (the rest of it); in training its lost samples are replaced by reading on past the
-  slot's range, so steps stay equal across ranks. Transient object-store errors are
-  retried by reopening the shard and fast-forwarding to the sample where it broke off.
+- Mid-epoch resume: `state_dict()` records (epoch, batches consumed) and `index_id`, the
+  identity of the shard set (`shards.index_id`); loading it and iterating yields exactly
+  the batches not yet consumed in that epoch, in the order the uninterrupted epoch would
+  have had. The state is the same on every rank in training, so rank 0's checkpoint
+  resumes all ranks. A state from another shard set (re-sharded data), a training state
+  without `index_id`, and other settings are refused with a message.
+- Damage (a missing, truncated or corrupt shard, a sample with missing members or bytes
+  that do not decode) raises `DataDamageError` in the caller's process by default, naming
+  the shard URL (or sample key and URL) and the reason: a split is never read partially
+  without saying so. With `allow_damaged=True` it is logged by name, counted in `stats`
+  (`samples_lost` counts every sample not delivered) and skipped (the rest of the shard);
+  in training its lost samples are replaced by reading on past the slot's range, so steps
+  stay equal across ranks. `check_shards_present` finds missing or resized shards before
+  a run starts, from one listing.
+- Storage errors are never taken for damage. Permission/credential errors and an endpoint
+  that never answered raise `storage.StorageAccessError` at once. Transient errors
+  (throttling, 5xx, dropped connections, timeouts, a restarting server) are retried with
+  back-off (`storage.RETRY_ATTEMPTS`, about 17 s without progress) by reopening the shard
+  and reading on from the sample where it broke off; nothing is delivered twice.
 
 Design. Per epoch the shard order is a seeded permutation (training) or the index order
 (evaluation); concatenated, the shards form a virtual sequence of N sample positions.
@@ -37,9 +48,9 @@ pass with worker 0, the resumed pass rotates the workers' roles by k % W so that
 batches keep their uninterrupted order (checked batch by batch in training). The epoch
 and resume point reach persistent workers through a shared-memory tensor.
 
-Known limit: resume skips raw samples without decoding them, so if a sample with intact
-tar members fails to *decode* (corrupt JPEG/npy bytes) before the resume point, that
-slot's resumed stream is shifted by one sample per such failure (counted in
+Known limit (allow_damaged only): resume skips raw samples without decoding them, so if a
+sample with intact tar members fails to *decode* (corrupt JPEG/npy bytes) before the resume
+point, that slot's resumed stream is shifted by one sample per such failure (counted in
 `stats["decode_errors"]`). Truncated or missing shards are detected without decoding and
 do not shift anything. Eval resume assumes the nominal per-worker batch counts (exact
 when no shard of the split is damaged).
@@ -62,7 +73,7 @@ from avpea_ray.data import shards, storage
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 TAR_READ_BYTES = 1 << 20
 # Counters each worker reports (as deltas) with its batches; summed in `ShardStream.stats`.
 COUNTERS = ("raw_read", "decoded", "samples_lost", "decode_errors", "incomplete_samples",
@@ -236,8 +247,31 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+class DataDamageError(RuntimeError):
+    """The split has a missing, truncated or corrupt shard, or a sample that does not decode.
+
+    Raised by default (`allow_damaged=False`); the message names the shard URL (or the
+    sample key and its shard) and the reason, and says what to do.
+    """
+
+
+def what_to_do(root: str) -> str:
+    """The advice every damage message ends with."""
+    return (f"re-shard the split, check it with `python -m sharding.validate {root}`, or set "
+            "data.allow_damaged=true to train/evaluate without the damaged samples")
+
+
 class _Corrupt(Exception):
     """A shard cannot be read further (its name and the reason are in the message)."""
+
+
+class _Damaged(Exception):
+    """Damage was found with allow_damaged=False: the slot stops and reports it."""
+
+
+def _open_shard(url: str) -> BinaryIO:
+    """The default shard opener: no retrying wrapper, `_SlotReader` retries itself."""
+    return storage.open_url(url, "rb", retry_reads=False)
 
 
 class _SlotReader:
@@ -248,14 +282,15 @@ class _SlotReader:
         counts: declared samples per shard (index order).
         num_frames: frames every sample must have.
         open_shard: opens a URL for binary reading.
+        allow_damaged: skip damage (count and record it) instead of stopping at the first.
     """
 
     def __init__(self, urls: list[str], counts: list[int], num_frames: int,
-                 open_shard: Callable[[str], BinaryIO]):
+                 open_shard: Callable[[str], BinaryIO], allow_damaged: bool):
         self.urls, self.counts, self.num_frames = urls, counts, num_frames
-        self.open_shard = open_shard
+        self.open_shard, self.allow_damaged = open_shard, allow_damaged
         self.counters = dict.fromkeys(COUNTERS, 0)
-        # Not yet reported: damaged shards (url, reason) and undecodable samples (key, reason).
+        # Not yet reported: damaged shards (url, reason) and bad samples (key, "url: reason").
         self.corrupt: list[tuple[str, str]] = []
         self.bad_samples: list[tuple[str, str]] = []
 
@@ -275,41 +310,56 @@ class _SlotReader:
             pos += hi - lo
 
     def shard_samples(self, shard: int, lo: int, hi: int) -> Iterator[dict]:
-        """Raw samples number lo..hi-1 of one shard; damage is logged, counted, skipped."""
+        """Raw samples number lo..hi-1 of one shard.
+
+        Transient storage errors: the shard is reopened and read on from the sample where
+        the read broke off (nothing twice), up to `storage.RETRY_ATTEMPTS` tries without
+        progress, then the error is raised. Access errors raise `StorageAccessError`.
+        Damage (missing, truncated or corrupt shard, incomplete sample) is recorded; then
+        the rest of the shard is skipped (allow_damaged) or `_Damaged` stops the slot.
+        """
         url = self.urls[shard]
         done = lo  # next sample number we still have to deliver
-        attempt = 0
+        attempt, failed_at = 0, lo
         while done < hi:
             samples = self._read_tar(url, done)
             try:
                 for number, raw in samples:
                     if number >= hi:
                         break
-                    if raw is None:
-                        self.counters["incomplete_samples"] += 1
-                        self.counters["samples_lost"] += 1
-                    else:
-                        self.counters["raw_read"] += 1
-                        yield raw
                     done = number + 1
+                    missing = self._missing_members(raw)
+                    if missing:
+                        self.counters["incomplete_samples"] += 1
+                        self.bad_sample(raw["__key__"], f"{url}: incomplete sample ({missing})")
+                        continue
+                    self.counters["raw_read"] += 1
+                    yield raw
                 else:
                     if done < hi:
                         raise _Corrupt(f"ends after sample {done - 1} of the "
                                        f"{self.counts[shard]} the index lists (truncated)")
                 break
+            except (_Damaged, storage.StorageAccessError):
+                raise
             except _Corrupt as exc:
                 self._lose(url, str(exc), hi - done)
                 return
             except Exception as exc:  # noqa: BLE001 - classified here
-                if storage.is_transient(exc) and attempt < storage.RETRY_ATTEMPTS - 1:
-                    # Reopen and fast-forward to sample `done`: nothing is delivered twice.
+                kind = storage.classify(exc, url)
+                if kind == "access":
+                    raise storage.access_error(exc, url) from exc
+                if kind == "transient":
+                    if done > failed_at:  # progress since the last failure: a fresh budget
+                        attempt, failed_at = 0, done
+                    if attempt == storage.RETRY_ATTEMPTS - 1:
+                        raise  # an outage, not damage: fail loudly, resume from a checkpoint
                     self.counters["retries"] += 1
-                    time.sleep(storage.RETRY_BASE_DELAY * 2 ** attempt)
+                    time.sleep(storage.retry_delay(attempt))
                     attempt += 1
                     continue
-                if storage.is_transient(exc):
-                    raise  # an outage, not damage: fail loudly, resume from a checkpoint
-                self._lose(url, f"{type(exc).__name__}: {exc}", hi - done)
+                what = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+                self._lose(url, f"{what} ({type(exc).__name__}: {exc})", hi - done)
                 return
             finally:
                 samples.close()  # closes the shard now, also when we stop early
@@ -317,9 +367,18 @@ class _SlotReader:
     def _lose(self, url: str, reason: str, lost: int) -> None:
         self.counters["samples_lost"] += lost
         self.corrupt.append((url, reason))
+        if not self.allow_damaged:
+            raise _Damaged
 
-    def _read_tar(self, url: str, first: int) -> Iterator[tuple[int, dict | None]]:
-        """(sample number, raw sample or None if incomplete) from sample `first` on.
+    def bad_sample(self, key: str, reason: str) -> None:
+        """Record one sample that cannot be used (incomplete, or its bytes do not decode)."""
+        self.counters["samples_lost"] += 1
+        self.bad_samples.append((key, reason))
+        if not self.allow_damaged:
+            raise _Damaged
+
+    def _read_tar(self, url: str, first: int) -> Iterator[tuple[int, dict]]:
+        """(sample number, raw sample) from sample `first` on.
 
         Samples before `first` are skipped without keeping their bytes. Corruption inside
         the tar raises `_Corrupt`.
@@ -341,7 +400,7 @@ class _SlotReader:
                         continue
                     if name_key != key:
                         if sample is not None:
-                            yield number, self._checked(sample)
+                            yield number, sample
                         number, key = number + 1, name_key
                         sample = {"__key__": key, "__url__": url} if number >= first else None
                     if sample is not None:
@@ -349,15 +408,14 @@ class _SlotReader:
             except (tarfile.TarError, EOFError) as exc:
                 raise _Corrupt(f"unreadable after sample {number} ({exc})") from None
             if sample is not None:
-                yield number, self._checked(sample)
+                yield number, sample
 
-    def _checked(self, sample: dict) -> dict | None:
-        """The sample if it has all its members (T frames, fbank, json), else None."""
-        frames = shards.frame_members(sample)
-        if (len(frames) != self.num_frames or shards.FBANK_MEMBER not in sample
-                or shards.META_MEMBER not in sample):
-            return None
-        return sample
+    def _missing_members(self, sample: dict) -> str:
+        """What the sample lacks of its members (T frames, fbank, json); "" if nothing."""
+        frames = len(shards.frame_members(sample))
+        missing = [f"{frames} of {self.num_frames} frames"] if frames != self.num_frames else []
+        missing += [m for m in (shards.FBANK_MEMBER, shards.META_MEMBER) if m not in sample]
+        return ", ".join(missing)
 
 
 class _EpochDataset(IterableDataset):
@@ -367,15 +425,19 @@ class _EpochDataset(IterableDataset):
     workers (which keep their copy of this object across epochs) see updates.
     """
 
-    def __init__(self, *, urls: list[str], counts: list[int], num_frames: int, rank: int,
-                 world_size: int, num_workers: int, batch_size: int, training: bool,
+    def __init__(self, *, root: str, urls: list[str], counts: list[int], num_frames: int,
+                 rank: int, world_size: int, num_workers: int, batch_size: int, training: bool,
                  seed: int, shuffle_buffer: int, drop_last: bool,
-                 open_shard: Callable[[str], BinaryIO]):
+                 open_shard: Callable[[str], BinaryIO], allow_damaged: bool):
         super().__init__()
-        self.urls, self.counts, self.num_frames = urls, counts, num_frames
+        self.root, self.urls, self.counts, self.num_frames = root, urls, counts, num_frames
         self.rank, self.world_size, self.workers = rank, world_size, max(num_workers, 1)
         self.batch_size, self.training, self.seed = batch_size, training, seed
         self.shuffle_buffer, self.drop_last, self.open_shard = shuffle_buffer, drop_last, open_shard
+        self.allow_damaged = allow_damaged
+        # Endpoints that answered the main process (it read the index): a refused connection
+        # to one of them is a restart, also in a spawned worker (see storage.classify).
+        self.answered = set(storage.ANSWERED_ENDPOINTS)
         self.control = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, consumed
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -389,6 +451,7 @@ class _EpochDataset(IterableDataset):
         return list(plan.batches[first:first + self.workers])
 
     def __iter__(self) -> Iterator[dict]:
+        storage.ANSWERED_ENDPOINTS.update(self.answered)
         info = get_worker_info()
         epoch, consumed = (int(v) for v in self.control.tolist())
         plan = self.plan(epoch)
@@ -398,7 +461,8 @@ class _EpochDataset(IterableDataset):
         worker = ((info.id if info is not None else 0) + consumed) % self.workers
         slot = self.rank * self.workers + worker
         skip_batches = batches_done_per_worker(consumed, self.rank_batches(plan))[worker]
-        reader = _SlotReader(self.urls, self.counts, self.num_frames, self.open_shard)
+        reader = _SlotReader(self.urls, self.counts, self.num_frames, self.open_shard,
+                             self.allow_damaged)
         sent = dict.fromkeys(COUNTERS, 0)
 
         def report() -> dict:
@@ -406,7 +470,7 @@ class _EpochDataset(IterableDataset):
             sent.update(reader.counters)
             delta["corrupt"], reader.corrupt = reader.corrupt, []
             delta["bad_samples"], reader.bad_samples = reader.bad_samples, []
-            return {"slot": slot, "epoch": epoch, **delta}
+            return {"slot": slot, "epoch": epoch, "access_error": "", **delta}
 
         start, stop = plan.ranges[slot]
         take = plan.take[slot]
@@ -436,37 +500,47 @@ class _EpochDataset(IterableDataset):
                         out = shards.decode_sample(sample)
                     except Exception as exc:  # noqa: BLE001 - bad bytes in one sample
                         reader.counters["decode_errors"] += 1
-                        reader.bad_samples.append((sample["__key__"],
-                                                   f"{sample['__url__']}: {exc}"))
+                        reader.bad_sample(sample["__key__"], f"{sample['__url__']}: does not "
+                                          f"decode ({type(exc).__name__}: {exc})")
                         continue
                     reader.counters["decoded"] += 1
                     yield out
 
-        samples = decoded()
-        batch: list[dict] = []
-        batch_number, produced = skip_batches, 0
-        while produced < wanted:
-            sample = next(samples, None)
-            if sample is None:
-                break
-            batch.append(sample)
-            produced += 1
-            if len(batch) == self.batch_size or produced == wanted:
+        access_error = ""
+        try:
+            samples = decoded()
+            batch: list[dict] = []
+            batch_number, produced = skip_batches, 0
+            while produced < wanted:
+                sample = next(samples, None)
+                if sample is None:
+                    break
+                batch.append(sample)
+                produced += 1
+                if len(batch) == self.batch_size or produced == wanted:
+                    out = collate(batch)
+                    out["_reader"] = {"slot": slot, "batch": batch_number, "stats": report()}
+                    batch_number += 1
+                    batch = []
+                    yield out
+            samples.close()
+            if self.training and produced < wanted:
+                raise DataDamageError(
+                    f"reader slot {slot}: only {produced} of {wanted} samples readable in the "
+                    "whole split (see the damaged shards logged); " + what_to_do(self.root))
+            if batch:  # eval: the last partial batch
                 out = collate(batch)
                 out["_reader"] = {"slot": slot, "batch": batch_number, "stats": report()}
-                batch_number += 1
-                batch = []
                 yield out
-        samples.close()
-        if self.training and produced < wanted:
-            raise RuntimeError(f"reader slot {slot}: only {produced} of {wanted} samples "
-                               "readable in the whole split (see the corrupt shards logged)")
-        if batch:  # eval: the last partial batch
-            out = collate(batch)
-            out["_reader"] = {"slot": slot, "batch": batch_number, "stats": report()}
-            yield out
-        final = report()
-        if final["corrupt"] or final["bad_samples"] or any(final[k] for k in COUNTERS):
+        except _Damaged:
+            pass  # recorded by the reader: the report below takes it to the main process
+        except storage.StorageAccessError as exc:
+            access_error = str(exc)  # raised in the main process, without a worker wrapper
+        # The last report; the main process raises on damage (unless allowed) or an access
+        # error in it, so that the message naming the shard reaches the caller as it is.
+        final = {**report(), "access_error": access_error}
+        if (access_error or final["corrupt"] or final["bad_samples"]
+                or any(final[k] for k in COUNTERS)):
             yield {"_reader": {"slot": slot, "batch": None, "stats": final}}
 
 
@@ -493,7 +567,11 @@ class ShardStream:
         drop_last: training: cut each slot to whole batches (see the module docstring).
         persistent_workers, pin_memory, prefetch_factor, multiprocessing_context: passed to
             the DataLoader.
-        open_shard: opens a shard URL for reading (default `storage.open_url`).
+        open_shard: opens a shard URL for binary reading (default: `storage.open_url`
+            without its retrying wrapper; the reader retries transient errors itself).
+        allow_damaged: False (default): a missing, truncated or corrupt shard, or a sample
+            that does not decode, raises `DataDamageError` naming it. True: such damage is
+            logged, counted in `stats` and skipped (training refills the lost samples).
     """
 
     def __init__(self, index_url: str | shards.ShardIndex, *, batch_size: int, training: bool,
@@ -502,7 +580,8 @@ class ShardStream:
                  drop_last: bool = True, persistent_workers: bool = False,
                  pin_memory: bool = False, prefetch_factor: int | None = None,
                  multiprocessing_context: Any = None,
-                 open_shard: Callable[[str], BinaryIO] | None = None):
+                 open_shard: Callable[[str], BinaryIO] | None = None,
+                 allow_damaged: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if rank is None or world_size is None:
@@ -517,12 +596,14 @@ class ShardStream:
         self.batch_size, self.training, self.seed = batch_size, training, seed
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
         self.epoch, self.batches_consumed = epoch, 0
+        self.allow_damaged = allow_damaged
+        self.index_id = shards.index_id(self.index)
         self._dataset = _EpochDataset(
-            urls=self.index.shard_urls(), counts=[s.samples for s in self.index.shards],
-            num_frames=self.index.num_frames, rank=rank, world_size=world_size,
-            num_workers=num_workers, batch_size=batch_size, training=training, seed=seed,
+            root=self.index.root, urls=self.index.shard_urls(),
+            counts=[s.samples for s in self.index.shards], num_frames=self.index.num_frames,
+            rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size, training=training, seed=seed,
             shuffle_buffer=shuffle_buffer if training else 0, drop_last=drop_last,
-            open_shard=open_shard or storage.open_url)
+            open_shard=open_shard or _open_shard, allow_damaged=allow_damaged)
         self._plan(epoch)  # fail early on an impossible layout
         loader_kw: dict[str, Any] = {}
         if num_workers > 0:
@@ -584,6 +665,10 @@ class ShardStream:
         checkpoint taken after processing it resumes after it; once the epoch's last batch
         is handed out the position moves to the start of the next epoch (so a checkpoint
         taken then resumes there, and the next iteration reads that epoch).
+
+        Raises `DataDamageError` (naming the shard or sample) at the first damage unless
+        allow_damaged, and `storage.StorageAccessError` on permission, credential or
+        endpoint errors, also when a loader worker met them.
         """
         epoch = self.epoch
         per_worker = self._dataset.rank_batches(self._plan())
@@ -621,14 +706,22 @@ class ShardStream:
                     yield first + w, j
 
     def _absorb(self, report: dict) -> None:
+        """Add a worker's report to `stats`; raise what it says went wrong (unless allowed)."""
         for k in COUNTERS:
             self._stats[k] += report[k]
+        if report["access_error"]:
+            raise storage.StorageAccessError(report["access_error"])
+        if not self.allow_damaged and (report["corrupt"] or report["bad_samples"]):
+            found = [f"shard {url} is damaged: {reason}" for url, reason in report["corrupt"]]
+            found += [f"sample {key} is damaged ({reason})"
+                      for key, reason in report["bad_samples"]]
+            raise DataDamageError("; ".join(found) + "; " + what_to_do(self.index.root))
         for url, reason in report["corrupt"]:
             if url not in self._corrupt:
                 log.warning("skipped damaged shard %s: %s", url, reason)
             self._corrupt.setdefault(url, reason)
         for key, reason in report["bad_samples"]:
-            log.warning("skipped undecodable sample %s (%s)", key, reason)
+            log.warning("skipped damaged sample %s (%s)", key, reason)
             self._bad_samples.setdefault(key, reason)
 
     @property
@@ -638,15 +731,26 @@ class ShardStream:
         Keys: the `COUNTERS` (raw_read, decoded, samples_lost, decode_errors,
         incomplete_samples, refilled, retries, skipped_for_resume), `corrupt_shards` (URLs,
         first seen first), `corrupt_reasons` (URL -> reason) and `bad_samples` (key ->
-        reason, samples whose bytes did not decode).
+        reason: samples that are incomplete or whose bytes did not decode).
+
+        Damage is only counted with allow_damaged=True (otherwise it raises). samples_lost
+        counts every sample not delivered because of damage: the rest of a missing,
+        truncated or corrupt shard, and each incomplete or undecodable sample (also counted
+        in incomplete_samples / decode_errors). In evaluation that is exactly the samples of
+        this rank's share of the split that were not evaluated (sum it over ranks); in
+        training lost samples are replaced (`refilled`), and a damaged shard met again
+        while refilling counts again.
         """
         return {**self._stats, "corrupt_shards": list(self._corrupt),
                 "corrupt_reasons": dict(self._corrupt), "bad_samples": dict(self._bad_samples)}
 
     # -- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The position, for a checkpoint (identical on every rank in training)."""
-        return {"version": STATE_VERSION, "epoch": self.epoch,
+        """The position, for a checkpoint (identical on every rank in training).
+
+        `index_id` (`shards.index_id`) names the shard set the position refers to.
+        """
+        return {"version": STATE_VERSION, "index_id": self.index_id, "epoch": self.epoch,
                 "batches_consumed": self.batches_consumed, "seed": self.seed,
                 "world_size": self.world_size, "num_workers": self.num_workers,
                 "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
@@ -656,10 +760,24 @@ class ShardStream:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()`; the layout settings must match.
 
-        Raises ValueError naming each setting that differs (resuming with another world
-        size, worker count or batch size would change which samples remain).
+        Raises ValueError when the shard set is not the checkpoint's (its `index_id`
+        differs: re-sharded data; or, in training, the state has none to compare), and
+        naming each setting that differs (resuming with another world size, worker count or
+        batch size would change which samples remain).
         """
         mine = self.state_dict()
+        theirs = state.get("index_id")
+        if theirs is None and self.training:
+            raise ValueError(
+                "cannot verify that the checkpoint's data position refers to the shards at "
+                f"{self.index.root}: the state has no index_id (written by an older reader). "
+                "Restart the epoch with set_epoch(), or start a new run.")
+        if theirs is not None and theirs != self.index_id:
+            raise ValueError(
+                f"the shard set changed since the checkpoint (re-sharded data?): the "
+                f"checkpoint's index_id is {theirs}, the index at {self.index.root} has "
+                f"{self.index_id}, so its positions name other samples. Resume on the shards "
+                "the checkpoint was taken on, or restart the epoch with set_epoch().")
         keys = ("world_size", "num_workers", "batch_size", "seed", "shuffle_buffer",
                 "training", "drop_last", "total_samples")
         diffs = [f"{k}: checkpoint {state[k]!r}, now {mine[k]!r}"
@@ -680,5 +798,37 @@ class ShardStream:
             self.epoch, self.batches_consumed = self.epoch + 1, 0
 
 
-__all__ = ["ShardStream", "EpochPlan", "plan_epoch", "batches_done_per_worker", "collate",
-           "shuffled", "ray_train_rank_and_world", "COUNTERS"]
+def check_shards_present(index: shards.ShardIndex | str) -> list[str]:
+    """A cheap pre-run check: is every shard the index lists there, with its listed size?
+
+    Lists each folder holding shards once (normally only the index's root) and reads no
+    shard, so the driver can call it before any worker starts.
+
+    Args:
+        index: a read index, or the split's URL.
+
+    Returns:
+        One problem per listed shard that is missing or whose size differs from the
+        index's `bytes`, naming its URL; [] when all are there. Permission, credential and
+        endpoint errors raise `storage.StorageAccessError`.
+    """
+    if isinstance(index, str):
+        index = shards.read_index(index)
+    listings: dict[str, dict[str, int]] = {}
+    problems = []
+    for url, info in zip(index.shard_urls(), index.shards):
+        folder, _, name = url.rpartition("/")
+        if folder not in listings:
+            listings[folder] = storage.list_sizes(folder or ".")
+        size = listings[folder].get(name)
+        if size is None:
+            problems.append(f"{url}: missing (listed in the index, not on storage)")
+        elif size != info.bytes:
+            problems.append(f"{url}: {size} bytes, the index lists {info.bytes} "
+                            "(truncated or replaced?)")
+    return problems
+
+
+__all__ = ["ShardStream", "DataDamageError", "check_shards_present", "EpochPlan",
+           "plan_epoch", "batches_done_per_worker", "collate", "shuffled",
+           "ray_train_rank_and_world", "what_to_do", "COUNTERS"]

@@ -7,6 +7,12 @@ Publication order is what makes a rerun safe: every shard is written under a tem
 name and published whole, shard names carry a per-run id (so a rerun never overwrites a
 shard the current index lists), the index is replaced atomically only after all of its
 shards exist, and only then are the previous run's shards deleted.
+
+The writer deletes only what it can prove is its own: the shards that the index it replaces
+listed for the same split (plain names directly in the output folder) and the new index no
+longer lists, and locally the hidden temp files its own naming produces for this split's
+shards and the index. Every other file in the output folder stays, however it is named
+(a user's `imagenet-000000.tar`, another split's shards, shards a killed run published).
 """
 from __future__ import annotations
 
@@ -39,10 +45,12 @@ _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _FRAME_MEMBER = re.compile(r"^frame(\d+)\.jpg$")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 # Shards this module writes: <split>-<8 hex run id>-<6 digits>.tar (the run id is optional so
-# that shards named by an older writer are recognised as ours when cleaning up).
+# that shards named by an older writer, listed by its index, are still cleaned up).
 SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-(?:[0-9a-f]{8}-)?\d{6}\.tar$")
-# Temp files of a killed writer (see storage.local_temp_path).
-TEMP_NAME = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")
+# The suffix storage.local_temp_path gives a temp file: tempfile.mkstemp's 8 random characters.
+_TEMP_SUFFIX = r"\.tmp-[a-z0-9_]{8}"
+# An index url's scheme ("s3:", "file:", "pipe:"): such a url leaves the index's root.
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 # tar layout constants, to predict a shard's size before writing a sample into it.
 _BLOCK = tarfile.BLOCKSIZE            # 512
@@ -125,6 +133,27 @@ class ShardIndex:
             "shards": [asdict(s) for s in self.shards],
             "extra": self.extra,
         }
+
+
+def url_problem(url: str) -> str:
+    """Why an index's shard url is not a plain relative name under the index's root.
+
+    Args:
+        url: a `ShardInfo.url`.
+
+    Returns:
+        "" for a plain relative name ("train-3f9c2a1b-000000.tar", "part/x.tar"); otherwise
+        the reason (empty, absolute path, url with a scheme, '..' path component).
+    """
+    if not url:
+        return "empty url"
+    if url.startswith("/") or os.path.isabs(url):
+        return "absolute path"
+    if _URL_SCHEME.match(url):
+        return "url with a scheme"
+    if ".." in url.split("/"):
+        return "'..' path component"
+    return ""
 
 
 def index_location(url: str) -> tuple[str, str]:
@@ -404,6 +433,12 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.extra = dict(extra or {})
         self.run = secrets.token_hex(4)
+        split_re = re.escape(split)
+        # What this writer (any run of it, for this split) names its shards and temp files:
+        # the only names it may ever delete that it did not write in this run.
+        self._own_shard = re.compile(rf"^{split_re}-(?:[0-9a-f]{{8}}-)?\d{{6}}\.tar$")
+        self._own_temp = re.compile(rf"^\.(?:{split_re}-[0-9a-f]{{8}}-\d{{6}}\.tar|"
+                                    rf"{re.escape(INDEX_NAME)}){_TEMP_SUFFIX}$")
         self.shards: list[ShardInfo] = []
         self._keys: set[str] = set()
         self._local = storage.is_local(self.out_url)
@@ -515,6 +550,9 @@ class ShardWriter:
     def close(self) -> ShardIndex:
         """Publish the last shard, then the index (atomically), then delete stale shards.
 
+        Stale shards are those the replaced index listed for this split and the new one does
+        not (see the module docstring); nothing else in the output folder is deleted.
+
         Returns:
             The index as written. Raises ValueError if no sample was written (an empty
             index would leave readers with zero shards).
@@ -533,19 +571,39 @@ class ShardWriter:
             extra=self.extra, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             run=self.run)
         data = json.dumps(index.to_json(), indent=1).encode("utf-8")
+        # Read before the new index replaces it: afterwards nothing says what it listed.
+        stale = self._previous_shards() - {s.url for s in self.shards}
         storage.atomic_write_bytes(storage.join(self.out_url, INDEX_NAME), data)
         self._done = True
         self._cleanup_staging()
-        self._remove_stale({s.url for s in self.shards})
+        self._remove_stale(stale)
         return index
 
-    def _remove_stale(self, keep: set[str]) -> None:
-        """Delete shards (and temp files) of earlier or killed runs that the index omits."""
-        for name in storage.list_names(self.out_url):
-            if name in keep:
-                continue
-            if SHARD_NAME.match(name) or (self._local and TEMP_NAME.match(name)):
-                storage.remove(storage.join(self.out_url, name))
+    def _previous_shards(self) -> set[str]:
+        """The shard names the index about to be replaced lists for this split.
+
+        Returns:
+            Plain names directly in the output folder, named as this writer names shards;
+            empty when there is no previous index, it cannot be read, or it is another
+            split's (an index lists only its own split, so its shards are not ours to drop).
+        """
+        try:
+            previous = read_index(self.out_url)
+        except Exception:  # noqa: BLE001 - whatever the reason, we cannot tell what it listed
+            return set()
+        if previous.split != self.split:
+            return set()
+        # _own_shard also rules out absolute urls, '..' and subfolders: only plain names here.
+        return {s.url for s in previous.shards if self._own_shard.match(s.url)}
+
+    def _remove_stale(self, stale: set[str]) -> None:
+        """Delete the given shards and, locally, this split's temp files of killed runs."""
+        for name in sorted(stale):
+            storage.remove(storage.join(self.out_url, name))
+        if self._local:
+            for name in storage.list_names(self.out_url):
+                if self._own_temp.match(name):
+                    storage.remove(storage.join(self.out_url, name))
 
     def _cleanup_staging(self) -> None:
         if self._staging:
@@ -556,7 +614,8 @@ class ShardWriter:
         """Stop without publishing an index; the previous output stays valid.
 
         Shards this run already published are not listed anywhere, so they are deleted.
-        (After a SIGKILL nothing runs: the next successful run removes the leftovers.)
+        (After a SIGKILL nothing runs: the next successful run removes the killed run's temp
+        files, but not the shards it had published, which no index lists.)
         """
         if self._tar is not None:
             try:
@@ -586,3 +645,21 @@ class ShardWriter:
         else:
             self.abort()
 
+
+
+def index_id(index: ShardIndex) -> str:
+    """A digest of the shard set's identity: the writer run and each shard's url, sample
+    count and sha256 (not where the set lives: a copied split keeps its id).
+
+    The reader records it in its state; a checkpoint's data position is only meaningful for
+    the shard set it was taken on (re-sharding changes which sample sits at each position).
+
+    Args:
+        index: a read index.
+
+    Returns:
+        16 hex digits.
+    """
+    identity = {"run": index.run,
+                "shards": [[s.url, s.samples, s.sha256] for s in index.shards]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

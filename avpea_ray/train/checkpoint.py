@@ -6,24 +6,43 @@ Layout of one checkpoint directory (Ray Train merges the files every rank report
     adapters/                  current adapters + head (PEFT-style adapter files)
     best_adapters/             the best-on-validation adapters + head so far
         tokenizer/             (avr, avc) the caption tokenizer, as `save_pretrained` writes it
-    train_state.pt             optimiser, scheduler, progress, best score, reader position
-    rng-rank{R}.pt             each rank's Python / NumPy / torch RNG states
+    train_state.pt             optimiser, scheduler (tensors and plain data only)
+    rng-rank{R}.json           each rank's Python / NumPy / torch RNG states, as plain JSON
+    avpea_checkpoint.json      the manifest: progress, reader position, every file's size and
+                               sha256; uploaded last, so a checkpoint without it is partial
 
-No frozen backbone weights are ever inside.
+No frozen backbone weights are ever inside, and nothing read back is unpickled:
+`train_state.pt` loads with `weights_only=True`, everything else is JSON or safetensors.
+
+A resume takes the newest checkpoint in the run folder whose files all match its manifest
+(`latest_intact`), not simply the latest one Ray registered: a checkpoint cut short by a kill
+or damaged in storage is skipped for the one before it.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import logging
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..model.adapter_io import load_adapters, read_adapter_config, save_adapters
 from ..model.task_model import AVPEAModel
+
+MANIFEST = "avpea_checkpoint.json"
+FORMAT = "avpea-checkpoint/2"
+log = logging.getLogger(__name__)
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint's files do not match its manifest (message names the file)."""
 
 
 @dataclass
@@ -38,33 +57,60 @@ class Progress:
     best_metrics: dict = field(default_factory=dict)  # validation metrics of the best epoch
 
 
+# -- RNG states as plain data -------------------------------------------------------------
+
+def _tensor_to_text(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _text_to_tensor(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """This process's Python, NumPy and torch RNG states as JSON-able data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _tensor_to_text(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_tensor_to_text(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_text_to_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_text_to_tensor(s) for s in state["cuda"]])
 
 
-def write_checkpoint(directory: Path, *, rank: int, model: AVPEAModel, config: dict,
-                     optimizer, scheduler, progress: Progress, reader_state: dict,
-                     best_state: dict[str, torch.Tensor] | None, tokenizer=None) -> None:
-    """Write this rank's part of a checkpoint into `directory`.
+# -- writing --------------------------------------------------------------------------------
 
-    Rank 0 writes everything shared (DDP keeps the trainable state identical on all ranks);
-    every rank writes its own RNG state. A task's tokenizer (retrieval, captioning) is saved
-    beside the adapters so that they can be used without the training data.
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checkpoint(directory: Path, *, rank: int, world_size: int, model: AVPEAModel,
+                     config: dict, optimizer, scheduler, progress: Progress, reader_state: dict,
+                     best_state: dict[str, torch.Tensor] | None, tokenizer=None,
+                     data_ids: dict[str, str] | None = None) -> None:
+    """Write this rank's part of a checkpoint into the local `directory`.
+
+    Rank 0 writes everything shared (DDP keeps the trainable state identical on all ranks)
+    and the manifest; every rank writes its own RNG state. A task's tokenizer (retrieval,
+    captioning) is saved beside the adapters so that they can be used without the data.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), directory / f"rng-rank{rank}.pt")
+    (directory / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
     if rank != 0:
         return
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -76,14 +122,70 @@ def write_checkpoint(directory: Path, *, rank: int, model: AVPEAModel, config: d
         for folder in ("adapters", "best_adapters"):
             if (directory / folder).exists():
                 tokenizer.save_pretrained(str(directory / folder / "tokenizer"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": asdict(progress), "reader": reader_state},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                directory / "train_state.pt")
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.startswith("rng-rank")}
+    manifest = {"format": FORMAT, "progress": asdict(progress), "reader": reader_state,
+                "world_size": world_size, "data": data_ids or {}, "files": files,
+                "rank_files": [f"rng-rank{r}.json" for r in range(world_size)]}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def upload_files(local_dir: Path, files: list[str], put: Callable[[Path, str], None],
+                 before_each: Callable[[int], None] | None = None) -> None:
+    """Copy `local_dir`'s files with `put(local_file, relative_name)`, the manifest last, so
+    that a copy cut short leaves a checkpoint that `verify` recognises as partial.
+
+    Args:
+        before_each: called with the file number before each copy (fault injection in tests).
+    """
+    ordered = sorted(f for f in files if f != MANIFEST) + [f for f in files if f == MANIFEST]
+    for number, name in enumerate(ordered):
+        if before_each:
+            before_each(number)
+        put(local_dir / name, name)
+
+
+# -- reading --------------------------------------------------------------------------------
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of a checkpoint directory. Raises CheckpointDamaged if absent/unreadable."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointDamaged(f"{directory}: no readable {MANIFEST} ({err}): a partial checkpoint")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointDamaged(f"{directory}: {MANIFEST} has format {manifest.get('format')!r}, "
+                                f"expected {FORMAT!r}")
+    return manifest
+
+
+def verify(directory: Path) -> dict:
+    """Check every file against the manifest; return the manifest.
+
+    Raises:
+        CheckpointDamaged: naming the first missing, short or altered file.
+    """
+    manifest = read_manifest(directory)
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointDamaged(f"{directory}: {name} is missing")
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            raise CheckpointDamaged(f"{directory}: {name} does not match the manifest "
+                                    f"({path.stat().st_size} of {expected['bytes']} bytes)")
+    for name in manifest["rank_files"]:
+        try:
+            json.loads((directory / name).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointDamaged(f"{directory}: {name} is missing or unreadable ({err})")
+    return manifest
 
 
 def read_checkpoint(directory: Path, *, rank: int, model: AVPEAModel, optimizer,
                     scheduler) -> tuple[Progress, dict, dict[str, torch.Tensor] | None]:
-    """Restore a checkpoint into the model, optimiser and scheduler.
+    """Restore a verified checkpoint into the model, optimiser and scheduler.
 
     Returns:
         (progress, reader state, best trainable state or None).
@@ -91,16 +193,61 @@ def read_checkpoint(directory: Path, *, rank: int, model: AVPEAModel, optimizer,
     Raises:
         AdapterMismatchError: the checkpoint was made by a different model architecture.
     """
+    manifest = read_manifest(directory)
     load_adapters(model, directory / "adapters")  # refuses a mismatched model, naming fields
-    state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = directory / f"rng-rank{rank}.pt"
+    rng_file = directory / f"rng-rank{rank}.json"
     if rng_file.exists():  # a different world size has no state for new ranks
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(json.loads(rng_file.read_text()))
     best_state = None
     if (directory / "best_adapters").exists():
         from safetensors.torch import load_file
         read_adapter_config(directory / "best_adapters")
         best_state = load_file(str(directory / "best_adapters" / "adapter_model.safetensors"))
-    return Progress(**state["progress"]), state["reader"], best_state
+    return Progress(**manifest["progress"]), manifest["reader"], best_state
+
+
+def latest_intact(names: list[str], read_text: Callable[[str], str],
+                  fetch: Callable[[str, Path], None], workdir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint folder whose files all match its manifest.
+
+    Args:
+        names: checkpoint folder names in the run folder.
+        read_text: `read_text("name/file")` -> the file's text (to read manifests cheaply).
+        fetch: `fetch(name, local_dir)` copies a whole folder into `local_dir`.
+        workdir: scratch space for the fetched copies.
+
+    Returns:
+        (local directory, manifest) of the newest intact checkpoint by global step, or None.
+        Partial or damaged ones are logged and skipped.
+    """
+    found = []
+    for name in names:
+        try:
+            manifest = json.loads(read_text(f"{name}/{MANIFEST}"))
+            step = (manifest["progress"]["global_step"], manifest["progress"]["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("checkpoint %s skipped: no readable manifest (%s)", name, err)
+            continue
+        found.append((step, name))
+    for _, name in sorted(found, reverse=True):
+        local = workdir / name
+        try:
+            fetch(name, local)
+            return local, verify(local)
+        except (CheckpointDamaged, OSError) as err:
+            log.warning("checkpoint %s is damaged, falling back to the one before: %s", name, err)
+    return None
+
+
+def scratch_dir() -> Path:
+    """A fresh local directory for fetched checkpoints."""
+    return Path(tempfile.mkdtemp(prefix="avpea-resume-"))
+
+
+__all__ = ["CheckpointDamaged", "MANIFEST", "Progress", "latest_intact", "read_checkpoint",
+           "read_manifest", "rng_state", "scratch_dir", "set_rng_state", "upload_files", "verify",
+           "write_checkpoint"]
+

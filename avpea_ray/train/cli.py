@@ -85,12 +85,12 @@ def resolve_config(args: argparse.Namespace, demo: dict[str, Any] | None) -> tup
     Returns:
         (config, whether it trains on the demo data).
     """
-    flags = [f"run.num_workers={args.num_workers}"] if args.num_workers else []
-    flags += ["run.use_gpu=true"] if args.use_gpu else []
-    flags += [f'run.storage_path="{args.storage_path}"'] if args.storage_path else []
-    flags += [f'run.name="{args.run_name}"'] if args.run_name else []
-    cfg = load_config(TrainConfig, args.config, [*args.overrides, *flags],
-                      base=None if args.config else demo)
+    # Flags are set as typed values, not as override text: no character in a path or a
+    # name can change their meaning.
+    flags = {"run.num_workers": args.num_workers, "run.storage_path": args.storage_path,
+             "run.name": args.run_name, "run.use_gpu": True if args.use_gpu else None}
+    cfg = load_config(TrainConfig, args.config, args.overrides, base=None if args.config else demo,
+                      values={k: v for k, v in flags.items() if v is not None})
     uses_demo = bool(demo and "data" in demo) and cfg.data.train == demo["data"]["train"]
     return cfg, uses_demo
 

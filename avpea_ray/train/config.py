@@ -13,6 +13,7 @@ the resolved config is saved with every run and checkpoint.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ class DataConfig:
             (avr, avc).
         captions_per_clip: captions of a clip trained on per step (avc; a random subset
             when a clip has more). Retrieval always pairs a clip with one caption.
+        allow_damaged: go on past missing or damaged shards and undecodable samples
+            (training replaces them, evaluation scores what is left) and report how many
+            samples were lost; by default any damage stops the run, naming the shard.
     """
 
     train: str = ""
@@ -52,6 +56,7 @@ class DataConfig:
     seed: int = 0
     max_caption_tokens: int = 32
     captions_per_clip: int = 5
+    allow_damaged: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "eval_batch_size", "captions_per_clip"):
@@ -90,6 +95,14 @@ class OptimConfig:
             raise ConfigError(f"optim.epochs must be a positive integer, got {self.epochs!r}")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"optim.precision must be one of ['auto', 'bf16', 'fp32'], got {self.precision!r}")
 
@@ -117,6 +130,10 @@ class RunConfig:
         sample_ledger: write the sample ids each rank trains on per step (resume tests, audits).
         fail_at_step: fault injection for tests: rank `fail_rank` kills itself once at this
             global step (0: never).
+        fail_in_checkpoint_at_step: fault injection for tests: rank `fail_rank` kills itself
+            half-way through uploading the checkpoint of this global step (0: never).
+        pause_at_step: for tests that kill the driver: rank `fail_rank` stops once at this
+            global step (a marker file says so) until it is killed (0: never).
     """
 
     name: str = ""
@@ -132,13 +149,31 @@ class RunConfig:
     log_every_steps: int = 10
     sample_ledger: bool = False
     fail_at_step: int = 0
+    fail_in_checkpoint_at_step: int = 0
+    pause_at_step: int = 0
     fail_rank: int = 0
 
     def __post_init__(self):
+        if self.name and not RUN_NAME.fullmatch(self.name):
+            raise ConfigError(f"run.name must be letters, digits, '.', '_' or '-' (it names folders "
+                              f"and the MLflow run), starting with a letter or digit; got {self.name!r}")
         if self.num_workers < 1:
             raise ConfigError(f"run.num_workers must be >= 1, got {self.num_workers!r}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints!r}")
+        if self.keep_checkpoints < 2:
+            raise ConfigError(f"run.keep_checkpoints must be >= 2 (a resume falls back to the previous "
+                              f"checkpoint when the latest is unreadable), got {self.keep_checkpoints!r}")
+        for name in ("log_every_steps",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("checkpoint_every_steps", "fail_at_step", "fail_in_checkpoint_at_step",
+                     "pause_at_step", "fail_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_failures < -1:
+            raise ConfigError(f"run.max_failures must be >= 0 (or -1: retry forever), got {self.max_failures!r}")
+        if ((self.fail_at_step or self.fail_in_checkpoint_at_step or self.pause_at_step)
+                and self.fail_rank >= self.num_workers):
+            raise ConfigError(f"run.fail_rank={self.fail_rank} but there are only {self.num_workers} workers")
         if not self.cpus_per_worker > 0:
             raise ConfigError(f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
 
@@ -159,12 +194,16 @@ class EvaluationConfig:
     meteor: str = "test"
 
     def __post_init__(self):
+        if self.length_penalty < 0:
+            raise ConfigError(f"evaluation.length_penalty must be >= 0, got {self.length_penalty!r}")
         if self.beam_size < 1:
             raise ConfigError(f"evaluation.beam_size must be >= 1, got {self.beam_size!r}")
         if self.meteor not in ("test", "always", "never"):
             raise ConfigError(f"evaluation.meteor must be one of ['test', 'always', 'never'], "
                               f"got {self.meteor!r}")
 
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 TASK_NAMES = ("avqa", "avel", "avr", "avc")
 

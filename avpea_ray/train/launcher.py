@@ -18,13 +18,16 @@ from typing import Any
 
 from ..config import ConfigError, to_dict
 from ..data import storage
+from ..data import shards
+from ..data.reader import check_shards_present, plan_epoch
 from ..data.shards import ShardIndexError, read_index
 from ..model.params import build_without_weights, count_parameters
 from ..model.text import TextModelError
 from .config import TrainConfig
 from .tasks import TASKS, make_task
-from .tracking import (TrackingError, check_reachable, finish_run, flatten, resolve_tracking_uri,
-                       start_or_resume_run)
+from .resume import claim_run_folder, tidy_run_folder
+from .tracking import (TrackingError, check_reachable, finish_run, flatten, redact_uri,
+                       resolve_tracking_uri, start_or_resume_run)
 
 
 @dataclass
@@ -36,6 +39,12 @@ class Preflight:
     parameter_counts: dict[str, int]
     tracking_uri: str
     split_sizes: dict[str, int] = field(default_factory=dict)
+    data_ids: dict[str, str] = field(default_factory=dict)  # split -> shard index identity
+
+    @property
+    def run_url(self) -> str:
+        """The run's folder: checkpoints, the saved config, the ledger."""
+        return storage.join(self.cfg.run.storage_path, self.cfg.run.name)
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -63,7 +72,7 @@ def preflight(cfg: TrainConfig) -> Preflight:
     cfg = replace(cfg, model=replace(cfg.model, weights=weights),
                   data=replace(data, **local_paths),
                   run=replace(run, name=run.name or default_run_name(cfg),
-                              storage_path=_absolute(run.storage_path)))
+                              storage_path=_absolute(default_storage_path(run.storage_path))))
 
     indexes = {}
     for split in ("train", "val", "test"):
@@ -87,6 +96,23 @@ def preflight(cfg: TrainConfig) -> Preflight:
             if index.audio.get(key) != value:  # the spectrograms were computed when sharding
                 raise ConfigError(f"model.audio.{key}={value!r} but the {split} shards were made "
                                   f"with {key}={index.audio.get(key)!r}")
+    for split, index in indexes.items():
+        try:
+            problems = check_shards_present(index)
+        except storage.StorageAccessError as err:
+            raise ConfigError(f"data.{split}: {err}") from err
+        if problems and not cfg.data.allow_damaged:
+            raise ConfigError(f"data.{split}: {len(problems)} of {len(index.shards)} shards are missing "
+                              f"or not the size the index lists ({'; '.join(problems[:5])}"
+                              f"{'; ...' if len(problems) > 5 else ''}); re-shard the split, or set "
+                              f"data.allow_damaged=true to go on without them")
+    slots = cfg.run.num_workers * max(cfg.data.loader_workers, 1)
+    try:
+        plan_epoch([s.samples for s in indexes["train"].shards], slots=slots,
+                   batch_size=cfg.data.batch_size, training=True, seed=cfg.data.seed, epoch=0)
+    except ValueError as err:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {err} (run.num_workers="
+                          f"{cfg.run.num_workers} x data.loader_workers={cfg.data.loader_workers})") from err
     try:
         task = make_task(cfg, indexes["train"])
     except TextModelError as err:
@@ -125,7 +151,20 @@ def preflight(cfg: TrainConfig) -> Preflight:
     return Preflight(cfg, head_kwargs,
                      {"adapter": counts.adapter, "head": counts.head, "backbone": counts.backbone,
                       "trainable": counts.trainable, "total": counts.total},
-                     uri, {k: v.total_samples for k, v in indexes.items()})
+                     uri, {k: v.total_samples for k, v in indexes.items()},
+                     {k: shards.index_id(v) for k, v in indexes.items()})
+
+
+def default_storage_path(path: str) -> str:
+    """Where results go when no storage path is given.
+
+    A relative path is kept, except inside `ray job submit --working-dir`: there the working
+    directory is Ray's temporary copy, deleted with the Ray session, so results go to
+    ~/avpea-runs on the node running the job instead.
+    """
+    if "://" in path or Path(path).is_absolute() or "runtime_resources" not in Path.cwd().parts:
+        return path
+    return str(Path.home() / "avpea-runs" / path)
 
 
 def _url(storage_path: str, path: str) -> str:
@@ -184,15 +223,15 @@ def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = 
     cfg = checked.cfg
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "dry_run": dry_run,
+        train_loop_config={"config": to_dict(cfg), "dry_run": dry_run, "data_ids": checked.data_ids,
                            "mlflow": {"uri": checked.tracking_uri, "run_id": run_id}},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(
             name=name or cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
-                                               checkpoint_score_attribute="val_score",
-                                               checkpoint_score_order="max"),
+            # The newest N are kept (not the best N): each one carries the best adapters so
+            # far, and a resume needs the one before the newest if the newest is damaged.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=0 if dry_run else cfg.run.max_failures)),
     )
 
@@ -208,6 +247,7 @@ def start_tracking(checked: Preflight, run_name: str | None = None,
     local_store = checked.tracking_uri.startswith("sqlite") and "://" not in cfg.run.storage_path
     artifact_root = str(Path(cfg.run.storage_path) / "mlflow-artifacts") if local_store else None
     params = flatten(to_dict(cfg)) | {f"params.{k}": v for k, v in checked.parameter_counts.items()}
+    params["run.tracking_uri"] = redact_uri(params["run.tracking_uri"])
     return start_or_resume_run(checked.tracking_uri, cfg.run.experiment,
                                f"{cfg.run.storage_path}/{cfg.run.name}", run_name or cfg.run.name,
                                params, artifact_root, parent_run_id=parent_run_id)
@@ -228,16 +268,21 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     start = time.time()
     checked = preflight(cfg)
     cfg = checked.cfg
-    print(f"run: {cfg.run.name}  storage: {cfg.run.storage_path}  tracking: {checked.tracking_uri}")
+    folder = None if dry_run else claim_run_folder(checked.run_url, to_dict(cfg), checked.data_ids)
+    print(f"run: {cfg.run.name}  results: {checked.run_url}  tracking: {redact_uri(checked.tracking_uri)}")
     print("shards: " + ", ".join(f"{k} {v} clips" for k, v in checked.split_sizes.items()))
     print(f"parameters: adapters {checked.parameter_counts['adapter']:,}, head "
           f"{checked.parameter_counts['head']:,}, frozen backbone {checked.parameter_counts['backbone']:,}")
+    if folder and folder.changes:
+        print("resuming with changed settings: " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in folder.changes.items()))
     print(init_ray())
 
     run_id = None
     if not dry_run:
         run_id, resumed = start_tracking(checked)
         print(f"MLflow run {run_id} ({'continued' if resumed else 'new'})")
+        record_changes(checked.tracking_uri, run_id, folder.changes)
     name = f"{cfg.run.name}-dry-run-{uuid.uuid4().hex[:6]}" if dry_run else None
     trainer = build_trainer(checked, run_id=run_id, name=name, dry_run=dry_run)
     try:
@@ -246,11 +291,27 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
         if run_id:
             finish_run(checked.tracking_uri, run_id, [], status="FAILED")
         raise
+    if not dry_run:
+        tidy_run_folder(checked.run_url)  # a partial upload of a restarted worker group
     summary = summarize(checked, dict(result.metrics or {}), run_id, result.checkpoint,
                         time.time() - start, dry_run)
     if run_id:
         finish_tracking(checked.tracking_uri, run_id, cfg, summary, result.checkpoint)
     return summary
+
+
+def record_changes(uri: str, run_id: str, changes: dict) -> None:
+    """A resume's allowed config changes, as tags on the MLflow run (params cannot change)."""
+    if not changes:
+        return
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    for key, (old, new) in changes.items():
+        value = redact_uri(new) if key == "run.tracking_uri" else new
+        client.set_tag(run_id, f"avpea.changed.{key}", f"{old!r} -> {value!r}"[:5000])
+
+
+DAMAGE_KEYS = ("samples_lost", "damaged_shards")  # in the metrics with data.allow_damaged
 
 
 def summarize(checked: Preflight, metrics: dict, run_id: str | None, checkpoint, seconds: float,
@@ -263,18 +324,23 @@ def summarize(checked: Preflight, metrics: dict, run_id: str | None, checkpoint,
     summary: dict[str, Any] = {
         "task": cfg.task, "run_name": cfg.run.name, "dry_run": dry_run, "evaluated_on": split,
         "best_epoch": metrics.get("best_epoch"), "best_val_score": metrics.get("val_score"),
-        "metrics": scores, "mlflow_run_id": run_id, "mlflow_tracking_uri": checked.tracking_uri,
+        "metrics": scores, "mlflow_run_id": run_id, "mlflow_tracking_uri": redact_uri(checked.tracking_uri),
+        "run_folder": None if dry_run else _url(cfg.run.storage_path, checked.run_url),
         "checkpoint": _url(cfg.run.storage_path, f"{checkpoint.path}/best_adapters")
         if checkpoint and not dry_run else None,
         "parameters": checked.parameter_counts, "seconds": round(seconds, 1),
     }
+    if cfg.data.allow_damaged:  # what the run went on without
+        summary["data_damage"] = {k: metrics.get(k) for k in (
+            "train_samples_lost", "train_damaged_shards", f"{split}_samples_lost", f"{split}_damaged_shards")}
     if cfg.task == "avqa":
         summary["overall_acc"] = scores.get("overall")
         summary["majority_acc"] = scores.get("majority_acc")
-        summary["accuracies"] = {k: v for k, v in scores.items() if k not in ("overall", "majority_acc")}
+        summary["accuracies"] = {k: v for k, v in scores.items()
+                                 if k not in ("overall", "majority_acc", *DAMAGE_KEYS)}
     elif cfg.task == "avel":
         summary["accuracy"] = scores.get("accuracy")
-        summary["accuracies"] = {k: v for k, v in scores.items() if k != "accuracy"}
+        summary["accuracies"] = {k: v for k, v in scores.items() if k not in ("accuracy", *DAMAGE_KEYS)}
     return summary
 
 
@@ -331,6 +397,11 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'metric':<28}{summary['evaluated_on']:>10}"]
     lines += [f"{k:<28}{v:>10.2f}" for k, v in summary["metrics"].items()]
     lines.append("")
+    damage = summary.get("data_damage")
+    if damage:
+        lines.append("data.allow_damaged: " + ", ".join(f"{k} {v:.0f}" for k, v in damage.items() if v is not None))
+    if summary.get("run_folder"):
+        lines.append(f"run folder:     {summary['run_folder']}")
     if summary.get("checkpoint"):
         lines.append(f"best adapters:  {summary['checkpoint']}")
     if summary.get("mlflow_run_id"):

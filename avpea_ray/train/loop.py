@@ -13,9 +13,11 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from ..config import from_dict
 from ..data.reader import ShardStream
 from ..data.shards import read_index
 from ..model.task_model import AVPEAModel
-from .checkpoint import Progress, read_checkpoint, write_checkpoint
+from .checkpoint import Progress, latest_intact, read_checkpoint, scratch_dir, upload_files, write_checkpoint
 from .config import TrainConfig
 from .tasks import make_task
 from .tracking import MetricLogger
@@ -56,33 +58,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return ShardStream(url, rank=rank, world_size=world_size, training=training,
                            batch_size=cfg.data.batch_size if training else cfg.data.eval_batch_size,
                            num_workers=cfg.data.loader_workers, seed=cfg.data.seed,
-                           shuffle_buffer=cfg.data.shuffle_buffer)
+                           shuffle_buffer=cfg.data.shuffle_buffer, allow_damaged=cfg.data.allow_damaged)
 
     train_stream = stream(cfg.data.train, training=True)
     steps_per_epoch = 1 if dry_run else train_stream.steps_per_epoch
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     progress, best_state = Progress(), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint and not dry_run:
-        with checkpoint.as_directory() as directory:
-            progress, reader_state, best_state = read_checkpoint(
-                Path(directory), rank=rank, model=model, optimizer=optimizer, scheduler=scheduler)
+    restored = None if dry_run else _latest_intact_checkpoint()
+    if restored:
+        directory, _ = restored
+        progress, reader_state, best_state = read_checkpoint(
+            directory, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler)
         train_stream.load_state_dict(reader_state)
-        _log(rank, f"resumed at epoch {progress.epoch}, batch {progress.batches_in_epoch} "
-                   f"(global step {progress.global_step})")
+        shutil.rmtree(directory.parent, ignore_errors=True)  # the fetched copy
+        _log(rank, f"resumed from {directory.name} at epoch {progress.epoch}, batch "
+                   f"{progress.batches_in_epoch} (global step {progress.global_step})")
 
     logger = MetricLogger(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"],
                           enabled=rank == 0 and not dry_run)
     autocast = _autocast(cfg, device)
-    ledger = _ledger(cfg, rank) if cfg.run.sample_ledger and not dry_run else None
+    ledger = _Ledger(cfg, rank, progress) if cfg.run.sample_ledger and not dry_run else None
+    damage = _DamageCounts(cfg.data.allow_damaged)
 
-    def save_and_report(metrics: dict) -> None:
+    attempt = uuid.uuid4().hex[:8]
+
+    def save_and_report(metrics: dict, kind: str) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            write_checkpoint(Path(directory), rank=rank, model=model, config=loop_config["config"],
-                             optimizer=optimizer, scheduler=scheduler, progress=progress,
-                             reader_state=train_stream.state_dict(), best_state=best_state,
-                             tokenizer=getattr(task, "tokenizer", None))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            write_checkpoint(Path(directory), rank=rank, world_size=world_size, model=model,
+                             config=loop_config["config"], optimizer=optimizer, scheduler=scheduler,
+                             progress=progress, reader_state=train_stream.state_dict(),
+                             best_state=best_state, tokenizer=getattr(task, "tokenizer", None),
+                             data_ids=loop_config.get("data_ids"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             # Unique per attempt: a resumed attempt re-reaches the steps of
+                             # checkpoints that still exist (Ray would delete the new one
+                             # when it retires the old one of the same name).
+                             checkpoint_dir_name=f"checkpoint_{progress.global_step:09d}_{kind}_{attempt}",
+                             checkpoint_upload_fn=_uploader(cfg, rank, progress.global_step))
 
     while progress.epoch < cfg.optim.epochs:
         train_stream.set_epoch(progress.epoch)
@@ -106,9 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             progress.batches_in_epoch += 1
             window.add(loss.item(), len(raw["meta"]))
             if ledger:
-                ledger.write(json.dumps({"epoch": progress.epoch, "batch": progress.batches_in_epoch,
-                                         "rank": rank, "ids": list(raw["key"])}) + "\n")
-                ledger.flush()
+                ledger.step(progress, raw["key"])
             if progress.global_step % cfg.run.log_every_steps == 0:
                 step_metrics = window.metrics(world_size) | {"lr": scheduler.get_last_lr()[0]}
                 logger.log(step_metrics, progress.global_step)
@@ -122,14 +132,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 break
             if (cfg.run.checkpoint_every_steps and progress.global_step % cfg.run.checkpoint_every_steps == 0
                     and progress.batches_in_epoch < steps_per_epoch):
-                # No validation score mid-epoch: NaN ranks these below every epoch-end
-                # checkpoint, so top-k keeps the best epochs (Ray always keeps the latest).
-                save_and_report({"epoch": progress.epoch, "step": progress.global_step,
-                                 "val_score": float("nan")})
+                # No validation score mid-epoch; checkpoints are kept newest first, and every
+                # one carries the best adapters so far.
+                save_and_report({"epoch": progress.epoch, "step": progress.global_step}, "step")
             wait_start = time.perf_counter()
 
+        damage.add("train", train_stream)
         val = _evaluate(model, task, stream(cfg.data.val, training=False), device, autocast,
-                        max_batches=1 if dry_run else None)
+                        max_batches=1 if dry_run else None, damage=damage, split="val")
         score = val.get(task.primary_metric, float("nan"))
         if rank == 0:
             _log(rank, f"epoch {progress.epoch}: val {task.primary_metric} {score:.2f} "
@@ -144,16 +154,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         progress.epoch += 1
         progress.batches_in_epoch = 0
         save_and_report({"epoch": progress.epoch - 1, "step": progress.global_step, "val_score": score,
-                         **{f"val_{k}": v for k, v in val.items()}})
+                         **{f"val_{k}": v for k, v in val.items()}}, "epoch")
 
     final = {"epoch": progress.epoch - 1, "step": progress.global_step, "val_score": progress.best_score,
              "best_epoch": progress.best_epoch, **{f"val_{k}": v for k, v in progress.best_metrics.items()}}
     if cfg.data.test and best_state is not None:
         model.load_state_dict(best_state, strict=False)
-        test = _evaluate(model, task, stream(cfg.data.test, training=False), device, autocast, final=True)
+        test = _evaluate(model, task, stream(cfg.data.test, training=False), device, autocast, final=True,
+                         damage=damage, split="test")
         final |= {f"test_{k}": v for k, v in test.items()}
         logger.log({f"test_{k}": v for k, v in test.items()}, progress.global_step)
-    save_and_report(final)
+    final |= damage.totals(device)
+    save_and_report(final, "final")
 
 
 # -- pieces --------------------------------------------------------------------------------
@@ -175,11 +187,14 @@ class _Window:
 
 
 @torch.no_grad()
-def _evaluate(model, task, eval_stream: ShardStream, device, autocast,
-              max_batches: int | None = None, final: bool = False) -> dict[str, float]:
+def _evaluate(model, task, eval_stream: ShardStream, device, autocast, max_batches: int | None = None,
+              final: bool = False, damage: "_DamageCounts | None" = None,
+              split: str = "val") -> dict[str, float]:
     """The task's metrics over a split, every sample exactly once across ranks.
 
-    `final` marks the test evaluation (captioning adds METEOR there by default).
+    `final` marks the test evaluation (captioning adds METEOR there by default). With
+    `data.allow_damaged`, the split's lost samples and damaged shards are added to the metrics
+    (summed over ranks); without it, damage has already stopped the run in the reader.
     """
     model.eval()
     evaluator = task.evaluator(final=final)
@@ -189,8 +204,40 @@ def _evaluate(model, task, eval_stream: ShardStream, device, autocast,
         with autocast:
             evaluator.update(model, task.make_batch(raw, device, training=False))
     metrics = evaluator.compute(device)
+    if damage is not None and damage.enabled:
+        damage.add(split, eval_stream)
+        metrics |= damage.reduced(split, device)
     model.train()
     return metrics
+
+
+class _DamageCounts:
+    """Samples lost and shards found damaged per split, when `data.allow_damaged` lets a run
+    go on past them (reported in the metrics, the summary and MLflow)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.lost: dict[str, int] = {}
+        self.shards: dict[str, set] = {}
+
+    def add(self, split: str, stream: ShardStream) -> None:
+        if self.enabled:
+            stats = stream.stats
+            self.lost[split] = stats["samples_lost"] + stats["decode_errors"]
+            self.shards.setdefault(split, set()).update(stats["corrupt_shards"])
+
+    def reduced(self, split: str, device) -> dict[str, float]:
+        counts = torch.tensor([self.lost.get(split, 0), len(self.shards.get(split, ()))],
+                              dtype=torch.float64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        return {"samples_lost": counts[0].item(), "damaged_shards": counts[1].item()}
+
+    def totals(self, device) -> dict[str, float]:
+        """Training's counts (as train_* metrics) for the final report."""
+        if not self.enabled:
+            return {}
+        return {f"train_{k}": v for k, v in self.reduced("train", device).items()}
 
 
 def _optimizer(model: AVPEAModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -224,23 +271,110 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _ledger(cfg: TrainConfig, rank: int):
-    folder = Path(cfg.run.storage_path) / cfg.run.name / "ledger"
-    folder.mkdir(parents=True, exist_ok=True)
-    return open(folder / f"rank{rank}.jsonl", "a")
+class _Ledger:
+    """What this rank trains on, appended to `<storage>/<run>/ledger/rank{R}.jsonl` (local
+    storage only; for audits and the resume tests).
+
+    Every attempt (a process start) first writes where it restored from, then one line per
+    step; nothing is ever overwritten, so an audit can tell a resume from a restart: an
+    attempt's lines after the next attempt's restore point were rolled back and re-done.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int, restored: Progress):
+        folder = Path(cfg.run.storage_path) / cfg.run.name / "ledger"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.attempt = uuid.uuid4().hex[:12]
+        self.rank = rank
+        self.file = open(folder / f"rank{rank}.jsonl", "a")
+        self._write({"restored": {"epoch": restored.epoch, "batch": restored.batches_in_epoch,
+                                  "global_step": restored.global_step}})
+
+    def step(self, progress: Progress, keys: list[str]) -> None:
+        self._write({"epoch": progress.epoch, "batch": progress.batches_in_epoch,
+                     "global_step": progress.global_step, "ids": list(keys)})
+
+    def _write(self, entry: dict) -> None:
+        self.file.write(json.dumps({"attempt": self.attempt, "rank": self.rank, **entry}) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())  # a SIGKILL right after must not lose the line
 
 
-def _maybe_inject_failure(cfg: TrainConfig, rank: int, global_step: int) -> None:
-    """Test hook: rank `run.fail_rank` dies (SIGKILL, no clean-up) once at `run.fail_at_step`."""
-    if not cfg.run.fail_at_step or rank != cfg.run.fail_rank or global_step != cfg.run.fail_at_step:
+def _latest_intact_checkpoint() -> tuple[Path, dict] | None:
+    """The newest intact checkpoint in this run's folder (see `checkpoint.latest_intact`).
+
+    Not `ray.train.get_checkpoint()`: that is the latest checkpoint Ray registered, whole or
+    not, and a damaged one would end the run instead of falling back to the one before.
+    """
+    import pyarrow.fs
+
+    store = ray.train.get_context().get_storage()
+    fs, run_path = store.storage_filesystem, store.experiment_fs_path
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(run_path, allow_not_found=True))
+    names = [e.base_name for e in entries
+             if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+
+    def read_text(name: str) -> str:
+        with fs.open_input_stream(f"{run_path}/{name}") as f:
+            return f.read().decode()
+
+    def fetch(name: str, local: Path) -> None:
+        pyarrow.fs.copy_files(f"{run_path}/{name}", str(local), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+
+    return latest_intact(names, read_text, fetch, scratch_dir())
+
+
+def _uploader(cfg: TrainConfig, rank: int, global_step: int):
+    """Ray Train's `checkpoint_upload_fn`: copy the files into the run folder one by one, the
+    manifest last (a copy cut short is recognisably partial)."""
+    import pyarrow.fs
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        store = ray.train.get_context().get_storage()
+        fs, dest = store.storage_filesystem, store.build_checkpoint_path_from_name(dir_name)
+        fs.create_dir(dest)
+        local = Path(checkpoint.path)
+        files = [p.relative_to(local).as_posix() for p in sorted(local.rglob("*")) if p.is_file()]
+
+        def put(path: Path, name: str) -> None:
+            fs.create_dir(f"{dest}/{name}".rsplit("/", 1)[0])
+            pyarrow.fs.copy_files(str(path), f"{dest}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
+
+        def maybe_fail(number: int) -> None:
+            if number == len(files) // 2:
+                _maybe_inject_failure(cfg, rank, global_step, during_checkpoint=True)
+
+        upload_files(local, files, put, maybe_fail)
+        return ray.train.Checkpoint(path=dest, filesystem=fs)
+
+    return upload
+
+
+def _maybe_inject_failure(cfg: TrainConfig, rank: int, global_step: int,
+                          during_checkpoint: bool = False) -> None:
+    """Test hooks, each once per run (a marker file in the run folder remembers): rank
+    `run.fail_rank` dies (SIGKILL, no clean-up) at `run.fail_at_step`, or half-way through
+    uploading the checkpoint of `run.fail_in_checkpoint_at_step`; or it stops at
+    `run.pause_at_step` until a test kills the driver."""
+    run = cfg.run
+    if rank != run.fail_rank or not (run.fail_at_step or run.fail_in_checkpoint_at_step or run.pause_at_step):
         return
-    marker = Path(cfg.run.storage_path) / cfg.run.name / f"failure-injected-at-{global_step}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    _log(rank, f"fault injection: killing rank {rank} at global step {global_step}")
-    os.kill(os.getpid(), signal.SIGKILL)
+    if during_checkpoint:
+        hooks = [("failure-injected-in-checkpoint", run.fail_in_checkpoint_at_step)]
+    else:
+        hooks = [("failure-injected", run.fail_at_step), ("paused", run.pause_at_step)]
+    for what, at in hooks:
+        marker = Path(run.storage_path) / run.name / f"{what}-at-{global_step}"
+        if not at or global_step != at or marker.exists():
+            continue
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        _log(rank, f"test hook: {what} at global step {global_step} on rank {rank}")
+        if what == "paused":
+            while True:
+                time.sleep(60)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _logger = logging.getLogger("avpea_ray.train")

@@ -7,12 +7,23 @@ but the run itself, which the resumed job continues and ends).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 RUN_KEY_TAG = "avpea.run_key"
+# Runs are found by a digest of their key: a name or path may hold any character, and a
+# digest needs no quoting in MLflow's filter syntax.
+RUN_KEY_DIGEST_TAG = "avpea.run_key_sha256"
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a `user:secret@` part, for logs, params and summaries."""
+    return _USERINFO.sub(r"\1***@", uri) if isinstance(uri, str) else uri
 
 
 class TrackingError(RuntimeError):
@@ -85,13 +96,14 @@ def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str,
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
         experiment, artifact_location=artifact_root)
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+    digest = hashlib.sha256(run_key.encode()).hexdigest()
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_DIGEST_TAG}` = '{digest}'",
                                   max_results=1)
     if existing:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    tags = {RUN_KEY_TAG: run_key} | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+    tags = {RUN_KEY_TAG: run_key, RUN_KEY_DIGEST_TAG: digest} | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     from mlflow.entities import Param
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -101,20 +113,35 @@ def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str,
 
 
 class MetricLogger:
-    """Logs metrics into an existing run by id (rank 0 only; a no-op elsewhere)."""
+    """Logs metrics into an existing run by id (rank 0 only; a no-op elsewhere).
+
+    A resumed attempt re-trains the steps between its checkpoint and the crash; each metric
+    is logged once per step, so steps the run already holds are not logged again (training
+    is deterministic: the first attempt logged the same values).
+    """
 
     def __init__(self, uri: str, run_id: str | None, enabled: bool):
         self.enabled = enabled and bool(run_id)
         self.run_id = run_id
         self.client = _client(uri) if self.enabled else None
+        self.logged_up_to = last_logged_steps(self.client, run_id) if self.enabled else {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        batch = [Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [Metric(name, float(v), now, step) for name, v in
+                 ((_metric_name(k), v) for k, v in metrics.items())
+                 if step > self.logged_up_to.get(name, -1)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+
+def last_logged_steps(client, run_id: str) -> dict[str, int]:
+    """Metric name -> the highest step the run has logged for it."""
+    names = client.get_run(run_id).data.metrics
+    return {name: max(m.step for m in client.get_metric_history(run_id, name)) for name in names}
 
 
 def _metric_name(name: str) -> str:
@@ -131,11 +158,13 @@ def finish_run(uri: str, run_id: str, artifacts: list[tuple[str, str | None]],
             logged whole.
     """
     client = _client(uri)
-    if metrics:
+    logged = client.get_run(run_id).data.metrics
+    metrics = {_metric_name(k): v for k, v in (metrics or {}).items()}
+    fresh = {k: v for k, v in metrics.items() if k not in logged}  # a rerun of a finished run
+    if fresh:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(_metric_name(k), float(v), now, 0)
-                                          for k, v in metrics.items()])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in fresh.items()])
     for path, sub in artifacts:
         if Path(path).is_dir():
             client.log_artifacts(run_id, path, sub)

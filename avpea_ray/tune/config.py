@@ -227,13 +227,15 @@ DEMO_SWEEP["run"] = DEMO_SWEEP["run"] | {"cpus_per_worker": 0.5}
 
 
 def load_sweep_config(file: str | None, overrides: list[str] | tuple[str, ...] = (),
-                      base: dict | None = None) -> tuple[TrainConfig, SweepConfig]:
-    """The base training config and the sweep section: defaults <- base <- file <- overrides.
+                      base: dict | None = None,
+                      values: dict[str, Any] | None = None) -> tuple[TrainConfig, SweepConfig]:
+    """The base training config and the sweep section: defaults <- base <- file <- overrides
+    <- values (typed flags).
 
     Raises:
         ConfigError: an unknown key or bad value anywhere, naming the dotted field.
     """
-    data = load_config(SweepFileConfig, file, overrides, base)
+    data = load_config(SweepFileConfig, file, overrides, base, values)
     sweep = data.sweep
     sweep.check_not_empty()
     train = TrainConfig(**{f.name: getattr(data, f.name) for f in fields(TrainConfig)})

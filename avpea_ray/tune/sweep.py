@@ -311,12 +311,14 @@ def run_trial(point: dict[str, Any], setup: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..train.launcher import build_trainer, finish_tracking, start_tracking, summarize
+    from ..train.resume import claim_run_folder
 
     start = time.time()
     sweep = from_dict(SweepConfig, setup["sweep"], "sweep.")
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup["base"], sweep, point)
     checked = preflight(replace(cfg, run=replace(cfg.run, name=f"{sweep.name}-{trial_id}")))
+    claim_run_folder(checked.run_url, to_dict(checked.cfg), checked.data_ids)
     label = variant_label(sweep, checked.cfg, point)
     run_id, _ = start_tracking(
         checked, run_name=f"{trial_id} {label} r={cfg.model.reduction_factor} lr={cfg.optim.lr:.2g}",
@@ -655,13 +657,12 @@ def parse_sweep_args(description: str, argv: list[str] | None = None) -> argpars
     return parser.parse_intermixed_args(argv)
 
 
-def sweep_overrides(args: argparse.Namespace) -> list[str]:
-    """The overrides with the flags folded in (flags win)."""
-    flags = [f'sweep.name="{args.name}"'] if args.name else []
-    flags += [f'run.storage_path="{args.storage_path}"'] if args.storage_path else []
-    flags += [f"sweep.max_concurrent_trials={args.max_concurrent_trials}"] \
-        if args.max_concurrent_trials is not None else []
-    return [*args.overrides, *flags]
+def sweep_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The flags as typed config values (dotted key -> value; they win over overrides).
+    Set as values, not as override text, so that no character in a name or path is parsed."""
+    flags = {"sweep.name": args.name, "run.storage_path": args.storage_path,
+             "sweep.max_concurrent_trials": args.max_concurrent_trials}
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 def report_sweep(summary: dict, summary_json: str | None = None) -> None:

@@ -1,0 +1,120 @@
+"""Bad values are refused before any worker starts, naming the field; flags are taken as typed
+values; a resume refuses a changed model or data and records what may change."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avpea_ray.config import ConfigError
+from avpea_ray.train.cli import parse_job_args, resolve_config
+from avpea_ray.train.launcher import preflight
+from avpea_ray.train.resume import RUN_STATE, check_resume, claim_run_folder
+from avpea_ray.train.tracking import redact_uri
+from tests.toy import train_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (command-line arguments after the shard overrides, the field the one-line error must name)
+BAD_VALUES = [
+    (["--num-workers", "0"], "run.num_workers must be >= 1"),
+    (["run.log_every_steps=0"], "run.log_every_steps must be >= 1"),
+    (["run.checkpoint_every_steps=-1"], "run.checkpoint_every_steps must be >= 0"),
+    (["optim.lr=Infinity"], "optim.lr must be a finite number"),
+    (["optim.weight_decay=NaN"], "optim.weight_decay must be a finite number"),
+    (["optim.min_lr_ratio=2"], "optim.min_lr_ratio must be in [0, 1]"),
+    (["run.keep_checkpoints=1"], "run.keep_checkpoints must be >= 2"),
+    (["data.batch_size=200"], "data.batch_size=200"),  # more than the 128 training clips
+    (["--num-workers", "2", "data.batch_size=64", "data.loader_workers=2"], "data.batch_size=64"),
+    (["--run-name", "it's"], "run.name must be letters, digits"),
+    (["--run-name", "../escape"], "run.name must be letters, digits"),
+]
+
+
+def _args(shards, storage, extra):
+    return [*train_overrides(shards, storage), *extra]
+
+
+@pytest.mark.parametrize("extra,message", BAD_VALUES, ids=[m.split()[0] for _, m in BAD_VALUES])
+def test_bad_value_is_refused_before_any_worker(avqa_shards, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        preflight(resolve_config(parse_job_args("", _args(avqa_shards, tmp_path, extra)), None)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,message", BAD_VALUES[::3], ids=[m.split()[0] for _, m in BAD_VALUES[::3]])
+def test_job_exits_2_with_one_line_and_starts_no_ray(avqa_shards, tmp_path, extra, message):
+    result = subprocess.run([sys.executable, "jobs/avqa.py", *_args(avqa_shards, tmp_path, extra)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+    assert "Ray:" not in result.stdout and not (tmp_path / "mlflow.db").exists()
+
+
+def test_flags_are_values_not_override_text(avqa_shards, tmp_path):
+    odd = str(tmp_path / 'a "quoted", {odd} path=1')
+    cfg = resolve_config(parse_job_args("", [*train_overrides(avqa_shards, tmp_path),
+                                             "--storage-path", odd, "--run-name", "fine.name-1"]), None)[0]
+    assert cfg.run.storage_path == odd and cfg.run.name == "fine.name-1"
+
+
+@pytest.mark.parametrize("uri,shown", [
+    ("http://user:s3cr3t@mlflow.internal:5000", "http://***@mlflow.internal:5000"),
+    ("https://token@host/path", "https://***@host/path"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ("http://host:5000", "http://host:5000"),
+])
+def test_secrets_in_tracking_uris_are_redacted(uri, shown):
+    assert redact_uri(uri) == shown
+
+
+# -- resume: what may change -------------------------------------------------------------------
+
+def _saved(cfg_dict, data_ids):
+    return {"config": cfg_dict, "data_ids": data_ids}
+
+
+@pytest.fixture
+def resolved(avqa_shards, tmp_path):
+    from avpea_ray.config import to_dict
+
+    def make(*extra):
+        return to_dict(resolve_config(parse_job_args("", [*train_overrides(avqa_shards, tmp_path),
+                                                          "--run-name", "r", *extra]), None)[0])
+    return make
+
+
+IDS = {"train": "a" * 64, "val": "b" * 64}
+
+
+@pytest.mark.parametrize("change,refused", [
+    (["optim.lr=0.1"], "optim.lr: 0.004 -> 0.1"),
+    (["model.reduction_factor=16"], "model.reduction_factor: 8 -> 16"),
+    (["head.hidden=32"], "head.hidden: 64 -> 32"),
+    (["data.batch_size=2"], "data.batch_size: 4 -> 2"),
+    (["--num-workers", "2"], "run.num_workers: 1 -> 2"),
+])
+def test_resume_refuses_changes_to_model_or_data(resolved, change, refused):
+    with pytest.raises(ConfigError, match=refused.replace(".", r"\.")):
+        check_resume(_saved(resolved(), IDS), resolved(*change), IDS)
+
+
+def test_resume_allows_more_epochs_and_refuses_resharded_data(resolved):
+    assert check_resume(_saved(resolved(), IDS), resolved("optim.epochs=20"), IDS) == {"optim.epochs": (10, 20)}
+    with pytest.raises(ConfigError, match="data.train: the shards changed"):
+        check_resume(_saved(resolved(), IDS), resolved(), IDS | {"train": "c" * 64})
+
+
+def test_run_folder_keeps_the_first_config_and_records_allowed_changes(resolved, tmp_path):
+    run_url = str(tmp_path / "runs" / "r")
+    assert not claim_run_folder(run_url, resolved(), IDS).resumed
+    folder = claim_run_folder(run_url, resolved("optim.epochs=12"), IDS)
+    assert folder.resumed and folder.changes == {"optim.epochs": (10, 12)}
+    with pytest.raises(ConfigError, match="optim.lr"):
+        claim_run_folder(run_url, resolved("optim.lr=0.5"), IDS)
+    state = json.loads((Path(run_url) / RUN_STATE).read_text())
+    assert state["config"]["optim"]["epochs"] == 12 and state["config"]["optim"]["lr"] == 0.004
+    assert state["changes"][0]["changes"] == {"optim.epochs": [10, 12]}
