@@ -107,7 +107,7 @@ def test_driver_sigkill_mid_epoch_then_same_command_resumes_exactly(avqa_shards,
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == sorted(set(steps)) == list(range(1, max(steps) + 1))  # each step once
     assert len(client.get_metric_history(run.info.run_id, "val_overall")) == 2
-    folders = {p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint_")}
+    folders = {p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")}
     assert folders == _registered(run_dir)  # nothing left behind that Ray does not know
 
 
@@ -126,5 +126,5 @@ def test_worker_sigkill_during_checkpoint_upload_resumes_from_the_previous(avqa_
     planned = planned_batches(avqa_shards["train"], world_size=2, epochs=2, batch_size=8, loader_workers=1,
                               shuffle_buffer=16)
     assert effective_batches(run_dir) == planned
-    folders = {p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint_")}
+    folders = {p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")}
     assert folders == _registered(run_dir)  # the partial upload was removed

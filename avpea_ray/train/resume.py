@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .tracking import flatten
 
 RUN_STATE = "avpea_run.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+CHECKPOINT_DIR = re.compile(r"^checkpoint_(?!manager_snapshot)")  # Ray's and ours, not its snapshot
 log = logging.getLogger(__name__)
 
 # Changing these does not change what the checkpoints mean.
@@ -135,7 +137,7 @@ def tidy_run_folder(run_url: str) -> list[str]:
     registered = registered_checkpoints(run_url)
     if registered is None:  # unknown: keep every folder, the resume picks the newest intact
         return []
-    stray = [n for n in storage.list_names(run_url) if n.startswith("checkpoint_") and n not in registered]
+    stray = [n for n in storage.list_names(run_url) if CHECKPOINT_DIR.match(n) and n not in registered]
     for name in stray:
         _remove_tree(storage.join(run_url, name))
     if stray:
