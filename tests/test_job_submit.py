@@ -20,7 +20,9 @@ PYTHON_BIN = str(Path(sys.executable).parent)
 
 def test_ray_job_submit_dry_run(avqa_shards, tmp_path):
     port, dashboard = free_port(), free_port()
-    env = os.environ | {"PATH": f"{PYTHON_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    home = tmp_path / "home"
+    env = os.environ | {"PATH": f"{PYTHON_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+                        "HOME": str(home)}
     ray, address = f"{PYTHON_BIN}/ray", f"--address=http://127.0.0.1:{dashboard}"
     # --block keeps the head in this process group, so the test stops exactly this cluster
     # (`ray stop` would end every Ray process on the machine).
@@ -35,7 +37,10 @@ def test_ray_job_submit_dry_run(avqa_shards, tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        overrides = train_overrides(avqa_shards, tmp_path, **{"run.name": "submitted"})
+        # No storage path: the job runs in Ray's temporary copy of the working directory,
+        # which Ray deletes; results must go somewhere stable instead.
+        overrides = [o for o in train_overrides(avqa_shards, tmp_path, **{"run.name": "submitted"})
+                     if not o.startswith("run.storage_path=")]
         for _ in range(90):  # the head answers before its job agent is up (slow on a busy machine)
             result = subprocess.run(
                 [ray, "job", "submit", address, "--working-dir", str(REPO),
@@ -49,6 +54,8 @@ def test_ray_job_submit_dry_run(avqa_shards, tmp_path):
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "Ray: cluster at" in result.stdout
         assert "dry run ok" in result.stdout
+        assert f"results: {home}/avpea-runs/runs/submitted" in result.stdout, result.stdout[-3000:]
+        assert (home / "avpea-runs" / "runs").is_dir()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
