@@ -175,3 +175,34 @@ def test_avel_job_on_object_storage_reports_per_class(tmp_path, ray_local, s3):
     assert set(summary["accuracies"]) <= set(categories) | {"background"}
     run = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
     assert "val_accuracy" in run.data.metrics and "val_background" in run.data.metrics
+
+
+def test_missing_test_shard_fails_by_default_and_is_counted_when_allowed(avqa_shards, tmp_path, ray_local, capsys):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from avpea_ray.data.shards import read_index
+    from avpea_ray.train.cli import run_job
+
+    damaged = tmp_path / "test-damaged"
+    shutil.copytree(avqa_shards["test"], damaged)
+    index = read_index(str(damaged))
+    lost = index.shards[1]
+    (damaged / lost.url).unlink()
+    args = [*_overrides(avqa_shards | {"test": str(damaged)}, tmp_path, **{"optim.epochs": 1, "run.name": "damaged"}),
+            "--summary-json", str(tmp_path / "summary.json")]
+
+    assert run_job("avqa", "", args) == 2  # refused before any worker, naming the shard
+    err = capsys.readouterr().err
+    assert "data.test: 1 of 3 shards are missing" in err and lost.url in err and "data.allow_damaged" in err
+
+    assert run_job("avqa", "", [*args, "data.allow_damaged=true"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["data_damage"]["test_samples_lost"] == lost.samples
+    assert summary["data_damage"]["test_damaged_shards"] == 1
+    assert summary["data_damage"]["train_samples_lost"] == 0
+    assert f"test_samples_lost {lost.samples}" in out  # the printed table says so
+    metrics = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"]).data.metrics
+    assert metrics["test_samples_lost"] == lost.samples
