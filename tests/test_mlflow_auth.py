@@ -27,7 +27,6 @@ import yaml
 
 from tests.toy import free_port
 
-pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (mlflow[auth])")
 
 pytestmark = pytest.mark.slow
 

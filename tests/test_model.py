@@ -360,7 +360,7 @@ def test_audio_front_end_refuses_stereo():
     ({"reduction_factr": 8}, "unknown config key reduction_factr"),
     ({"reduction_factor": "8"}, "reduction_factor must be an integer"),
     ({"adapters": "left"}, "model.adapters must be one of"),
-    ({"audio": {"mean": "x"}}, "audio.mean must be a number"),
+    ({"audio": {"mean": "x"}}, "audio.mean must be a finite number"),
     ({"audio": {"bins": 3}}, "unknown config key audio.bins"),
     ({"cross_attention": 1}, "cross_attention must be true or false"),
 ])
