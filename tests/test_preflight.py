@@ -118,3 +118,19 @@ def test_run_folder_keeps_the_first_config_and_records_allowed_changes(resolved,
     state = json.loads((Path(run_url) / RUN_STATE).read_text())
     assert state["config"]["optim"]["epochs"] == 12 and state["config"]["optim"]["lr"] == 0.004
     assert state["changes"][0]["changes"] == {"optim.epochs": [10, 12]}
+
+
+@pytest.mark.parametrize("path,defaulted,nodes,refused", [
+    ("/home/u/avpea-runs/runs", True, 3, True),    # the default, on a multi-node cluster
+    ("/home/u/avpea-runs/runs", True, 1, False),   # the default, one node
+    ("/mnt/shared/runs", False, 3, False),         # given explicitly: may be a shared filesystem
+    ("s3://bucket/runs", True, 3, False),
+])
+def test_default_local_storage_is_refused_on_a_multi_node_cluster(path, defaulted, nodes, refused):
+    from avpea_ray.train.launcher import check_storage_shared
+
+    if refused:
+        with pytest.raises(ConfigError, match="run.storage_path: the cluster has 3 nodes"):
+            check_storage_shared(path, defaulted, nodes)
+    else:
+        check_storage_shared(path, defaulted, nodes)

@@ -23,7 +23,7 @@ from ..data.reader import check_shards_present, plan_epoch
 from ..data.shards import ShardIndexError, read_index
 from ..model.params import build_without_weights, count_parameters
 from ..model.text import TextModelError
-from .config import TrainConfig
+from .config import RunConfig, TrainConfig
 from .tasks import TASKS, make_task
 from .resume import claim_run_folder, tidy_run_folder
 from .tracking import (TrackingError, check_reachable, finish_run, flatten, redact_uri,
@@ -40,6 +40,7 @@ class Preflight:
     tracking_uri: str
     split_sizes: dict[str, int] = field(default_factory=dict)
     data_ids: dict[str, str] = field(default_factory=dict)  # split -> shard index identity
+    storage_defaulted: bool = False  # no storage path was given
 
     @property
     def run_url(self) -> str:
@@ -152,7 +153,8 @@ def preflight(cfg: TrainConfig) -> Preflight:
                      {"adapter": counts.adapter, "head": counts.head, "backbone": counts.backbone,
                       "trainable": counts.trainable, "total": counts.total},
                      uri, {k: v.total_samples for k, v in indexes.items()},
-                     {k: shards.index_id(v) for k, v in indexes.items()})
+                     {k: shards.index_id(v) for k, v in indexes.items()},
+                     storage_defaulted=run.storage_path == RunConfig().storage_path)
 
 
 def default_storage_path(path: str) -> str:
@@ -202,6 +204,21 @@ def init_ray() -> str:
     gpus = ray.cluster_resources().get("GPU", 0)
     where = f"cluster at {address}" if address else "a local Ray started in this process"
     return f"Ray: {where} ({cpus:g} CPUs, {gpus:g} GPUs)"
+
+
+def alive_nodes() -> int:
+    import ray
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_storage_shared(storage_path: str, defaulted: bool, nodes: int) -> None:
+    """Refuse the default local storage path on a multi-node cluster: workers on other nodes
+    would write checkpoints where the driver never looks. A path given explicitly may be a
+    shared filesystem (Ray checks it can write there)."""
+    if nodes > 1 and defaulted and storage.is_local(storage_path):
+        raise ConfigError(f"run.storage_path: the cluster has {nodes} nodes and no --storage-path was given "
+                          f"(the default {storage_path} is local to this node); give --storage-path "
+                          f"s3://bucket/prefix or a filesystem every node shares")
 
 
 def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = None,
@@ -277,6 +294,7 @@ def run_training(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
         print("resuming with changed settings: " + ", ".join(
             f"{k} {old!r} -> {new!r}" for k, (old, new) in folder.changes.items()))
     print(init_ray())
+    check_storage_shared(cfg.run.storage_path, checked.storage_defaulted, alive_nodes())
 
     run_id = None
     if not dry_run:
