@@ -437,8 +437,13 @@ class ShardWriter:
         # What this writer (any run of it, for this split) names its shards and temp files:
         # the only names it may ever delete that it did not write in this run.
         self._own_shard = re.compile(rf"^{split_re}-(?:[0-9a-f]{{8}}-)?\d{{6}}\.tar$")
+        self._run_shard = re.compile(rf"^{split_re}-([0-9a-f]{{8}})-\d{{6}}\.tar$")
         self._own_temp = re.compile(rf"^\.(?:{split_re}-[0-9a-f]{{8}}-\d{{6}}\.tar|"
                                     rf"{re.escape(INDEX_NAME)}){_TEMP_SUFFIX}$")
+        # A killed run's published shards are listed by no index: this record (written
+        # before the first shard, removed when the run ends) is what lets the next run
+        # recognise them as ours and remove them.
+        self._run_record = re.compile(rf"^\.{split_re}-([0-9a-f]{{8}})\.writing$")
         self.shards: list[ShardInfo] = []
         self._keys: set[str] = set()
         self._local = storage.is_local(self.out_url)
@@ -446,6 +451,7 @@ class ShardWriter:
         self._staging = None if self._local else tempfile.mkdtemp(prefix="avpea-shards-")
         if self._local:
             os.makedirs(storage.local_path(self.out_url), exist_ok=True)
+        storage.atomic_write_bytes(self._record_url(self.run), b"")
         self._tar: tarfile.TarFile | None = None
         self._file = None
         self._hash: _HashingFile | None = None
@@ -596,14 +602,23 @@ class ShardWriter:
         # _own_shard also rules out absolute urls, '..' and subfolders: only plain names here.
         return {s.url for s in previous.shards if self._own_shard.match(s.url)}
 
+    def _record_url(self, run: str) -> str:
+        return storage.join(self.out_url, f".{self.split}-{run}.writing")
+
     def _remove_stale(self, stale: set[str]) -> None:
-        """Delete the given shards and, locally, this split's temp files of killed runs."""
+        """Delete the given shards, the shards of killed runs of this split (named in their
+        run records) and, locally, this split's temp files of killed runs."""
+        names = storage.list_names(self.out_url)
+        killed = {m.group(1) for m in map(self._run_record.match, names) if m and m.group(1) != self.run}
+        stale |= {n for n in names if (m := self._run_shard.match(n)) and m.group(1) in killed}
         for name in sorted(stale):
             storage.remove(storage.join(self.out_url, name))
         if self._local:
-            for name in storage.list_names(self.out_url):
+            for name in names:
                 if self._own_temp.match(name):
                     storage.remove(storage.join(self.out_url, name))
+        for run_id in sorted(killed) + [self.run]:
+            storage.remove(self._record_url(run_id))
 
     def _cleanup_staging(self) -> None:
         if self._staging:
@@ -614,8 +629,8 @@ class ShardWriter:
         """Stop without publishing an index; the previous output stays valid.
 
         Shards this run already published are not listed anywhere, so they are deleted.
-        (After a SIGKILL nothing runs: the next successful run removes the killed run's temp
-        files, but not the shards it had published, which no index lists.)
+        (After a SIGKILL nothing runs: the next successful run of the split removes the
+        killed run's temp files and, through its run record, the shards it had published.)
         """
         if self._tar is not None:
             try:
@@ -630,6 +645,7 @@ class ShardWriter:
             self._tar = self._file = self._hash = None
         for shard in self.shards:
             storage.remove(storage.join(self.out_url, shard.url))
+        storage.remove(self._record_url(self.run))
         self.shards = []
         self._done = True
         self._cleanup_staging()
