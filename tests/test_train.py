@@ -58,13 +58,19 @@ def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(avqa_shar
     common = {"run.num_workers": 2, "optim.epochs": 2, "run.sample_ledger": True, "data.batch_size": 8,
               "run.checkpoint_every_steps": 3, "data.test": ""}
     clean = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "clean"}))
-    crashed = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "crashed", "run.fail_at_step": 5,
-                                                                   "run.fail_rank": 1}))
-    assert (tmp_path / "crashed" / "failure-injected-at-5").exists()  # it did die
+    # Rank 1 is killed twice: at step 5, and before it uploads its part of step 9's checkpoint.
+    crashed = run_training(_config(avqa_shards, tmp_path, **common, **{
+        "run.name": "crashed", "run.fail_at_step": 5, "run.fail_in_checkpoint_at_step": 9, "run.fail_rank": 1}))
+    run_dir = tmp_path / "crashed"
+    assert (run_dir / "failure-injected-at-5").exists() and (run_dir / "failure-injected-in-checkpoint-at-9").exists()
     # Both ranks restarted from the step-3 checkpoint, mid-epoch (a restart from scratch, or
-    # from the epoch's start, would say 0 here and re-train what the checkpoint holds).
-    for rank, runs in attempts(tmp_path / "crashed").items():
-        assert [(a.restored["global_step"], a.restored["batch"]) for a in runs] == [(0, 0), (3, 3)], rank
+    # from the epoch's start, would say 0 here and re-train what the checkpoint holds), then
+    # from the epoch-end checkpoint of step 8: step 9's lacks rank 1's file and is skipped.
+    for rank, runs in attempts(run_dir).items():
+        assert [(a.restored["global_step"], a.restored["batch"]) for a in runs] == [(0, 0), (3, 3), (8, 0)], rank
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    registered = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    assert {p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")} == registered
     planned = planned_batches(avqa_shards["train"], world_size=2, epochs=2, batch_size=8, loader_workers=1,
                               shuffle_buffer=16)
     assert effective_batches(tmp_path / "clean") == planned
