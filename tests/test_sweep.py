@@ -229,6 +229,7 @@ def _wait_for_free_cpus(cpus: float, timeout: float = 60.0) -> None:
     assert ray.available_resources().get("CPU", 0) == pytest.approx(cpus), ray.available_resources()
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_with_mlflow_and_resume(avqa_shards, tmp_path, ray_local, capsys):
     from mlflow.tracking import MlflowClient
 
