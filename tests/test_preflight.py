@@ -31,6 +31,7 @@ BAD_VALUES = [
     (["--num-workers", "2", "data.batch_size=64", "data.loader_workers=2"], "data.batch_size=64"),
     (["--run-name", "it's"], "run.name must be letters, digits"),
     (["--run-name", "../escape"], "run.name must be letters, digits"),
+    (["run.tracking_uri=http://me:s3cr3t@mlflow:5000"], "run.tracking_uri must not hold credentials"),
 ]
 
 

@@ -157,6 +157,10 @@ class RunConfig:
         if self.name and not RUN_NAME.fullmatch(self.name):
             raise ConfigError(f"run.name must be letters, digits, '.', '_' or '-' (it names folders "
                               f"and the MLflow run), starting with a letter or digit; got {self.name!r}")
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", self.tracking_uri):
+            # The config is saved with every run and checkpoint: no place for a secret.
+            raise ConfigError("run.tracking_uri must not hold credentials (user:token@...): set "
+                              "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
         if self.num_workers < 1:
             raise ConfigError(f"run.num_workers must be >= 1, got {self.num_workers!r}")
         if self.keep_checkpoints < 2:

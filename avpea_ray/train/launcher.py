@@ -264,7 +264,6 @@ def start_tracking(checked: Preflight, run_name: str | None = None,
     local_store = checked.tracking_uri.startswith("sqlite") and "://" not in cfg.run.storage_path
     artifact_root = str(Path(cfg.run.storage_path) / "mlflow-artifacts") if local_store else None
     params = flatten(to_dict(cfg)) | {f"params.{k}": v for k, v in checked.parameter_counts.items()}
-    params["run.tracking_uri"] = redact_uri(params["run.tracking_uri"])
     return start_or_resume_run(checked.tracking_uri, cfg.run.experiment,
                                f"{cfg.run.storage_path}/{cfg.run.name}", run_name or cfg.run.name,
                                params, artifact_root, parent_run_id=parent_run_id)
@@ -325,8 +324,7 @@ def record_changes(uri: str, run_id: str, changes: dict) -> None:
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     for key, (old, new) in changes.items():
-        value = redact_uri(new) if key == "run.tracking_uri" else new
-        client.set_tag(run_id, f"avpea.changed.{key}", f"{old!r} -> {value!r}"[:5000])
+        client.set_tag(run_id, f"avpea.changed.{key}", f"{old!r} -> {new!r}"[:5000])
 
 
 DAMAGE_KEYS = ("samples_lost", "damaged_shards")  # in the metrics with data.allow_damaged

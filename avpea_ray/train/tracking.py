@@ -106,7 +106,7 @@ def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str,
     tags = {RUN_KEY_TAG: run_key, RUN_KEY_DIGEST_TAG: digest} | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     from mlflow.entities import Param
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, redact_uri(str(v))[:6000]) for k, v in params.items()]  # no secrets in params
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start:start + 100])
     return run.info.run_id, False

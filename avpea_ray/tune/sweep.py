@@ -38,7 +38,7 @@ from ..model.params import build_without_weights, count_parameters
 from ..train.config import TrainConfig
 from ..train.launcher import init_ray, preflight
 from ..train.tasks import TASKS
-from ..train.tracking import flatten
+from ..train.tracking import flatten, redact_uri
 from .config import (VARIANT_AXIS, SweepConfig, check_point, describe, discrete_points,
                      is_distribution, trial_config, variant_label)
 
@@ -388,7 +388,7 @@ def run_sweep(cfg: TrainConfig, sweep: SweepConfig) -> dict[str, Any]:
     print(f"sweep {sweep.name}: {plan.num_trials} trials ({sweep.search} search over "
           f"{', '.join(([VARIANT_AXIS] if sweep.variants else []) + list(sweep.space))}), "
           f"{plan.max_t} epochs each, {_scheduler_line(plan)}")
-    print(f"  in {plan.path}; tracking {plan.tracking_uri}")
+    print(f"  in {plan.path}; tracking {redact_uri(plan.tracking_uri)}")
     print(init_ray())
     concurrency = max_concurrent_trials(plan, ray.cluster_resources())
     resumed = check_snapshot(plan)
@@ -499,7 +499,7 @@ def make_summary(plan: SweepPlan, trials: list[dict], parent_id: str, restored: 
     best = (max if plan.sweep.scheduler.mode == "max" else min)(scored, key=lambda t: t[key]) if scored else None
     return {"sweep": plan.sweep.name, "path": plan.path, "task": plan.cfg.task, "metric": plan.sweep.scheduler.metric,
             "mode": plan.sweep.scheduler.mode, "restored": restored, "seconds": round(seconds, 1),
-            "mlflow_tracking_uri": plan.tracking_uri, "mlflow_parent_run_id": parent_id,
+            "mlflow_tracking_uri": redact_uri(plan.tracking_uri), "mlflow_parent_run_id": parent_id,
             "num_trials": len(trials), "planned_trials": plan.num_trials,
             "num_stopped_early": sum(t["stopped_early"] for t in trials),
             "num_errors": sum(t["status"] == "error" for t in trials),
