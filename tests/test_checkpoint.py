@@ -114,3 +114,27 @@ def test_checkpoint_files_are_never_unpickled(tmp_path):
         read_checkpoint(folder, rank=0, model=model, optimizer=optimizer, scheduler=scheduler)
     assert not _Payload.ran
     assert manifest["format"]
+
+
+def test_unregistered_folders_are_removed_and_an_unreadable_ray_snapshot_is_set_aside(tmp_path):
+    from avpea_ray.train.resume import RAY_SNAPSHOT, tidy_run_folder
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_000000003_step_a", "checkpoint_000000006_step_a", "checkpoint_000000009_step_b"):
+        (run / name).mkdir(parents=True)
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_000000003_step_a"}],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000000006_step_a"},
+                "pending_training_results": []}
+    (run / RAY_SNAPSHOT).write_text(json.dumps(snapshot))
+    (run / "notes.txt").write_text("mine")
+    assert tidy_run_folder(str(run)) == ["checkpoint_000000009_step_b"]  # never registered
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint_000000003_step_a", "checkpoint_000000006_step_a", RAY_SNAPSHOT, "notes.txt"]
+
+    # A snapshot cut short would stop Ray before any worker: it is set aside (not deleted), and
+    # with nothing known to be unregistered, every folder stays for the resume to choose from.
+    (run / RAY_SNAPSHOT).write_text(json.dumps(snapshot)[:40])
+    assert tidy_run_folder(str(run)) == []
+    names = sorted(p.name for p in run.iterdir())
+    assert RAY_SNAPSHOT not in names and any(n.startswith(RAY_SNAPSHOT + ".unreadable-") for n in names)
+    assert {"checkpoint_000000003_step_a", "checkpoint_000000006_step_a"} <= set(names)
