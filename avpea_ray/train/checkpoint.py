@@ -8,8 +8,9 @@ Layout of one checkpoint directory (Ray Train merges the files every rank report
         tokenizer/             (avr, avc) the caption tokenizer, as `save_pretrained` writes it
     train_state.pt             optimiser, scheduler (tensors and plain data only)
     rng-rank{R}.json           each rank's Python / NumPy / torch RNG states, as plain JSON
-    avpea_checkpoint.json      the manifest: progress, reader position, every file's size and
-                               sha256; uploaded last, so a checkpoint without it is partial
+    avpea_checkpoint.json      the manifest: progress, reader position (with the shard index's
+                               identity), every file's size and sha256; uploaded last, so a
+                               checkpoint without it is partial
 
 No frozen backbone weights are ever inside, and nothing read back is unpickled:
 `train_state.pt` loads with `weights_only=True`, everything else is JSON or safetensors.
@@ -101,8 +102,7 @@ def _sha256(path: Path) -> str:
 
 def write_checkpoint(directory: Path, *, rank: int, world_size: int, model: AVPEAModel,
                      config: dict, optimizer, scheduler, progress: Progress, reader_state: dict,
-                     best_state: dict[str, torch.Tensor] | None, tokenizer=None,
-                     data_ids: dict[str, str] | None = None) -> None:
+                     best_state: dict[str, torch.Tensor] | None, tokenizer=None) -> None:
     """Write this rank's part of a checkpoint into the local `directory`.
 
     Rank 0 writes everything shared (DDP keeps the trainable state identical on all ranks)
@@ -127,7 +127,7 @@ def write_checkpoint(directory: Path, *, rank: int, world_size: int, model: AVPE
     files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.startswith("rng-rank")}
     manifest = {"format": FORMAT, "progress": asdict(progress), "reader": reader_state,
-                "world_size": world_size, "data": data_ids or {}, "files": files,
+                "world_size": world_size, "files": files,
                 "rank_files": [f"rng-rank{r}.json" for r in range(world_size)]}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..model.config import ModelConfig
+from .tracking import redact_uri
 
 
 @dataclass
@@ -157,7 +158,7 @@ class RunConfig:
         if self.name and not RUN_NAME.fullmatch(self.name):
             raise ConfigError(f"run.name must be letters, digits, '.', '_' or '-' (it names folders "
                               f"and the MLflow run), starting with a letter or digit; got {self.name!r}")
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", self.tracking_uri):
+        if redact_uri(self.tracking_uri) != self.tracking_uri:
             # The config is saved with every run and checkpoint: no place for a secret.
             raise ConfigError("run.tracking_uri must not hold credentials (user:token@...): set "
                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")

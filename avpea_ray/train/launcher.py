@@ -240,7 +240,7 @@ def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = 
     cfg = checked.cfg
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "dry_run": dry_run, "data_ids": checked.data_ids,
+        train_loop_config={"config": to_dict(cfg), "dry_run": dry_run,
                            "mlflow": {"uri": checked.tracking_uri, "run_id": run_id}},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),

@@ -87,8 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             write_checkpoint(Path(directory), rank=rank, world_size=world_size, model=model,
                              config=loop_config["config"], optimizer=optimizer, scheduler=scheduler,
                              progress=progress, reader_state=train_stream.state_dict(),
-                             best_state=best_state, tokenizer=getattr(task, "tokenizer", None),
-                             data_ids=loop_config.get("data_ids"))
+                             best_state=best_state, tokenizer=getattr(task, "tokenizer", None))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              # Unique per attempt: a resumed attempt re-reaches the steps of
                              # checkpoints that still exist (Ray would delete the new one
