@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avpea_ray.data.reader import ShardStream  # noqa: E402
-from avpea_ray.model.audio import AudioConfig, waveform_to_windows  # noqa: E402
+from avpea_ray.data.audio import AudioConfig, waveform_to_windows  # noqa: E402
 from sharding import musicavqa, synth  # noqa: E402
 
 

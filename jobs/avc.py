@@ -12,9 +12,16 @@ COCO caption toolkit does. Shards come from `python -m sharding.valor` (see jobs
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, too
 
-from avpea_ray.train.cli import DEMO_AVC, run_job  # noqa: E402
+from avpea_ray.cli import run_job  # noqa: E402
+from sharding.demo import ensure_demo_data  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("avc", __doc__, argv, configs=ROOT / "configs", build_demo_data=ensure_demo_data)
+
 
 if __name__ == "__main__":
-    sys.exit(run_job("avc", __doc__, demo=DEMO_AVC))
+    sys.exit(main())

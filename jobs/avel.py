@@ -12,9 +12,16 @@ Scores follow the CMBS rule; the test score is from the epoch chosen on validati
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, too
 
-from avpea_ray.train.cli import run_job  # noqa: E402
+from avpea_ray.cli import run_job  # noqa: E402
+from sharding.demo import ensure_demo_data  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("avel", __doc__, argv, configs=ROOT / "configs", build_demo_data=ensure_demo_data)
+
 
 if __name__ == "__main__":
-    sys.exit(run_job("avel", __doc__))
+    sys.exit(main())

@@ -14,14 +14,12 @@ from avpea_ray.heads import (
     QUESTION_TYPES,
     AVELHead,
     AVQAHead,
-    avel_accuracy,
-    avel_counts,
     avel_predict,
     avqa_accuracies,
     avqa_counts,
-    majority_accuracy,
-    question_type_from_record,
 )
+from avpea_ray.tasks.avel import AVELTask
+from avpea_ray.tasks.base import Batch
 
 DIM, HIDDEN, VOCAB, ANSWERS, CLASSES = 64, 32, 20, 7, 5
 
@@ -184,31 +182,6 @@ def test_avqa_overfits_four_samples():
 # ----------------------------------------------------------------------------- AVQA metrics
 
 
-@pytest.mark.parametrize(
-    "field,expected",
-    [
-        ('["Audio", "Counting"]', "Audio-Counting"),
-        ('["Audio", "Comparative"]', "Audio-Comparative"),
-        ('["Visual", "Location"]', "Visual-Location"),
-        ('["Audio-Visual", "Existential"]', "Audio-Visual-Existential"),
-        ('["Audio-Visual", "Temporal"]', "Audio-Visual-Temporal"),
-        (["Visual", "Counting"], "Visual-Counting"),
-    ],
-)
-def test_question_type_from_record(field, expected):
-    assert question_type_from_record(field) == expected
-
-
-@pytest.mark.parametrize(
-    "field",
-    ['["Visual", "Comparative"]', '["Audio"]', "Audio-Counting", '{"Audio": "Counting"}', '["Audio", 3]', ""],
-)
-def test_question_type_from_record_rejects(field):
-    with pytest.raises(ValueError) as err:
-        question_type_from_record(field)
-    assert repr(field) in str(err.value)
-
-
 def test_question_types_and_groups():
     assert len(QUESTION_TYPES) == 9 and GROUPS == ("Audio", "Visual", "Audio-Visual")
 
@@ -275,18 +248,6 @@ def test_avqa_counts_rejects_bad_input():
     with pytest.raises(ValueError, match="length Q"):
         avqa_counts(torch.tensor([0, 1]), torch.tensor([0, 1]), ["Audio-Counting"])
     assert avqa_accuracies(torch.zeros(9, 2, dtype=torch.long)) == {}
-
-
-@pytest.mark.parametrize(
-    "train_counts,target,expected",
-    [
-        ([1, 5, 2, 0], [1, 1, 2, 0], 50.0),
-        ([1, 5, 5, 0], [2, 2, 2, 1], 25.0),  # tie: the lowest index (1) wins
-        ([0, 0, 0, 9], [0, 1, 2], 0.0),
-    ],
-)
-def test_majority_accuracy(train_counts, target, expected):
-    assert majority_accuracy(torch.tensor(train_counts), torch.tensor(target)) == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- AVEL head
@@ -360,16 +321,27 @@ def test_avel_predict_cmbs_rule_around_one_half():
     assert pred.tolist() == [[bg, 3, bg, 3], [bg, 1, bg, 1]]
 
 
+def avel_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (pred == labels).float().mean().item()
+
+
 def test_avel_counts_and_accuracy_by_hand():
-    bg = CLASSES
-    pred = torch.tensor([[bg, 3, bg, 3], [bg, 1, bg, 1]])
+    """The AVE task's per-class counts and accuracy (the CMBS rule) on predictions by hand."""
+    task = AVELTask(None, ["Church bell", "Dog bark"])
+    bg = task.num_classes
+    # Clip 0 predicts category 3 at seconds 1 and 3, clip 1 category 1 at seconds 1 and 3.
+    event_logits = torch.tensor([[-9.0, 9, -9, 9], [-9, 9, -9, 9]])
+    class_logits = torch.full((2, bg), -9.0)
+    class_logits[0, 3] = class_logits[1, 1] = 9.0
     labels = torch.tensor([[bg, 3, 3, 3], [bg, 2, bg, bg]])
+    counts = task.counts({"event_logits": event_logits, "class_logits": class_logits},
+                         Batch(None, None, {}, {"labels": labels}))
     # Correct: clip 0 seconds 0, 1, 3; clip 1 seconds 0, 2 -> 5 of 8.
-    correct, total = avel_counts(pred, labels).tolist()
-    assert (correct, total) == (5, 8)
-    assert avel_accuracy(pred, labels) == pytest.approx(62.5)
-    with pytest.raises(ValueError, match="shape"):
-        avel_counts(pred, labels[:, :3])
+    assert counts.sum(0).tolist() == [5, 8]
+    assert counts[bg].tolist() == [3, 4] and counts[3].tolist() == [2, 3] and counts[2].tolist() == [0, 1]
+    metrics = task.metrics(counts)
+    assert metrics["accuracy"] == pytest.approx(62.5)
+    assert metrics["background"] == pytest.approx(75.0) and "Church bell" not in metrics
 
 
 def test_avel_overfits_four_clips():

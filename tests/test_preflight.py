@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from avpea_ray.config import ConfigError
-from avpea_ray.train.cli import parse_job_args, resolve_config
-from avpea_ray.train.launcher import preflight
+from avpea_ray.cli import parse_job_args, resolve_config
+from avpea_ray.train.preflight import preflight
 from avpea_ray.train.resume import RUN_STATE, check_resume, claim_run_folder
 from avpea_ray.train.tracking import redact_uri
 from tests.toy import train_overrides
@@ -128,7 +128,7 @@ def test_run_folder_keeps_the_first_config_and_records_allowed_changes(resolved,
     ("s3://bucket/runs", True, 3, False),
 ])
 def test_default_local_storage_is_refused_on_a_multi_node_cluster(path, defaulted, nodes, refused):
-    from avpea_ray.train.launcher import check_storage_shared
+    from avpea_ray.train.preflight import check_storage_shared
 
     if refused:
         with pytest.raises(ConfigError, match="run.storage_path: the cluster has 3 nodes"):

@@ -18,14 +18,17 @@ import pytest
 import yaml
 
 from avpea_ray.config import ConfigError, merge, parse_override
-from avpea_ray.model.params import build_without_weights
-from avpea_ray.tune.config import DEMO_SWEEP, discrete_points, load_sweep_config, trial_config
-from avpea_ray.tune.sweep import (ResumableASHA, count_trials, make_scheduler, max_concurrent_trials,
-                                  param_space, prepare_sweep)
+from avpea_ray.config import to_dict
+from avpea_ray.tasks import TASKS, build_model
+from avpea_ray.tune.config import discrete_points, load_sweep_config, trial_config
+from avpea_ray.tune.plan import count_trials, prepare_sweep
+from avpea_ray.tune.ray_workarounds import ResumableASHA
+from avpea_ray.tune.sweep import make_scheduler, max_concurrent_trials, param_space
 from tests.toy import train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_CONFIGS = sorted((ROOT / "configs").glob("sweep_*.yaml"))
+DEMO_SWEEP = yaml.safe_load((ROOT / "configs" / "demo_sweep_avqa.yaml").read_text())
 
 
 def _job():
@@ -149,7 +152,8 @@ def test_shipped_sweep_config_points_build(path):
     for point in discrete_points(sweep):
         trial = trial_config(base, sweep, point)
         assert trial.run.checkpoint_every_steps == 0
-        build_without_weights(trial.model, trial.task, {"vocab_size": 100, **trial.head})
+        build_model(trial.model, trial.task, TASKS[trial.task].reference_head_args | to_dict(trial)["head"],
+                    meta=True)
 
 
 @pytest.mark.parametrize("epochs,grace,factor,rungs", [(3, 1, 2, [1, 2]), (4, 1, 2, [1, 2]),
@@ -189,7 +193,7 @@ def test_stopped_trials_release_their_workers_resources(ray_local):
     from ray.tune.callback import CallbackList
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from avpea_ray.tune.sweep import ReleaseStoppedTrials, remove_orphaned_placement_groups
+    from avpea_ray.tune.ray_workarounds import ReleaseStoppedTrials, remove_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Controller:

@@ -12,8 +12,10 @@ import torch.multiprocessing as mp
 
 from avpea_ray.heads.avc import AVCHead
 from avpea_ray.heads.avr import AVRHead
-from avpea_ray.model.adapter_io import load_model, save_adapters
-from avpea_ray.model.text import TextModelError, build_text_encoder, load_tokenizer
+from avpea_ray.heads.text import TextModelError, build_text_encoder, load_tokenizer
+from avpea_ray.model.adapter_io import save_adapters
+from avpea_ray.tasks import load_model
+from avpea_ray.tasks.valor_clips import read_vocab_words
 from tests.toy import TINY_TEXT, clip_batch, free_port, tiny_backbone, tiny_model
 
 WORDS = ["a", "guitar", "piano", "plays", "on", "the", "left", "right", "is", "heard", ",", "."]
@@ -29,33 +31,33 @@ def vocab_file(tmp_path):
 # -- text models -------------------------------------------------------------------------
 
 def test_random_tokenizer_reads_the_shard_vocabulary(vocab_file):
-    tokenizer = load_tokenizer("random", vocab_file)
+    tokenizer = load_tokenizer("random", read_vocab_words(vocab_file))
     ids = tokenizer("A guitar plays on the left.")["input_ids"]
     assert ids[0] == tokenizer.cls_token_id == 2 and ids[-1] == tokenizer.sep_token_id == 3
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a guitar plays on the left."
 
 
-@pytest.mark.parametrize("text_model,vocab,message", [
-    ("random", "", "needs the train split's vocab.txt"),
-    ("random", "/nonexistent/vocab.txt", "does not exist"),
+@pytest.mark.parametrize("load,message", [
+    (lambda: load_tokenizer("random", None), "needs the train split's vocab.txt"),
+    (lambda: read_vocab_words("/nonexistent/vocab.txt"), "does not exist"),
 ])
-def test_tokenizer_errors_name_what_is_missing(text_model, vocab, message):
+def test_tokenizer_errors_name_what_is_missing(load, message):
     with pytest.raises(TextModelError, match=message):
-        load_tokenizer(text_model, vocab)
+        load()
 
 
 def test_text_model_from_a_local_directory(tmp_path, vocab_file):
     saved = build_text_encoder("random", 17, TINY_TEXT)
     saved.save_pretrained(tmp_path / "bert")
-    load_tokenizer("random", vocab_file).save_pretrained(tmp_path / "bert")
+    load_tokenizer("random", read_vocab_words(vocab_file)).save_pretrained(tmp_path / "bert")
     loaded = build_text_encoder(str(tmp_path / "bert"), 0)
     assert torch.equal(loaded.embeddings.word_embeddings.weight, saved.embeddings.word_embeddings.weight)
     assert len(load_tokenizer(str(tmp_path / "bert"))) == len(WORDS) + 5
 
 
 def test_hub_text_model_offline_without_cache_fails_fast(tmp_path):
-    code = ("from avpea_ray.model.text import build_text_encoder\n"
+    code = ("from avpea_ray.heads.text import build_text_encoder\n"
             "build_text_encoder('bert-base-uncased', 0)")
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     start = time.monotonic()
@@ -241,7 +243,7 @@ def test_heads_save_and_load(tmp_path, task):
 def _gather_worker(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
 
-    from avpea_ray.train.distributed import gather_objects, gather_with_local_grad
+    from avpea_ray.tasks.distributed import gather_objects, gather_with_local_grad
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     local = torch.full((rank + 1, 2), float(rank + 1), requires_grad=True)  # sizes 1 and 2
     gathered = gather_with_local_grad(local)
@@ -271,7 +273,7 @@ def test_gather_with_local_grad_across_two_ranks():
 
 def _retrieval_batch(video_ids: list[str]):
     """Clips and two captions each, deterministic per video id (whichever rank holds it)."""
-    from avpea_ray.train.tasks import Batch
+    from avpea_ray.tasks import Batch
 
     seeds = [int(v[1:]) for v in video_ids]
     clips = [clip_batch(batch=1, seed=s) for s in seeds]
@@ -279,14 +281,14 @@ def _retrieval_batch(video_ids: list[str]):
     tokens = torch.tensor([[2, 5 + (s + k) % 20, 6 + s % 7, 3] for s in seeds for k in (0, 1)])
     owners = torch.arange(len(seeds)).repeat_interleave(2)
     return Batch(frames, fbank, {"caption_tokens": tokens, "caption_mask": tokens != 0},
-                 {"video_ids": video_ids, "caption_video_index": owners}, len(seeds))
+                 {"video_ids": video_ids, "caption_video_index": owners})
 
 
 VIDEOS = [f"v{i}" for i in range(10)]
 
 
 def _evaluate_retrieval(parts: list[list[str]]) -> dict[str, float]:
-    from avpea_ray.train.tasks import RetrievalEvaluator
+    from avpea_ray.tasks.avr import RetrievalEvaluator
 
     torch.manual_seed(0)
     model = tiny_model("avr").eval()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from avpea_ray.config import ConfigError
-from avpea_ray.train.cli import parse_job_args, resolve_config
-from avpea_ray.train.launcher import preflight
+from avpea_ray.cli import parse_job_args, resolve_config
+from avpea_ray.train.preflight import preflight
 from tests.ledger import attempts, effective_batches, planned_batches
 from tests.toy import free_port, train_overrides as _overrides
 
@@ -29,7 +29,7 @@ def _config(shards, storage, **extra):
 def test_two_worker_ddp_learns_and_tracks(avqa_shards, tmp_path, ray_local):
     from mlflow.tracking import MlflowClient
 
-    from avpea_ray.train.launcher import run_training
+    from avpea_ray.train.fit import run_training
 
     cfg = _config(avqa_shards, tmp_path, **{"run.num_workers": 2, "run.name": "ddp", "optim.epochs": 8})
     summary = run_training(cfg)
@@ -53,7 +53,7 @@ def test_two_worker_ddp_learns_and_tracks(avqa_shards, tmp_path, ray_local):
 
 
 def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(avqa_shards, tmp_path, ray_local):
-    from avpea_ray.train.launcher import run_training
+    from avpea_ray.train.fit import run_training
 
     common = {"run.num_workers": 2, "optim.epochs": 2, "run.sample_ledger": True, "data.batch_size": 8,
               "run.checkpoint_every_steps": 3, "data.test": ""}
@@ -84,7 +84,7 @@ def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(avqa_shar
 def test_mlflow_server_and_driver_restart_continue_one_run(avqa_shards, tmp_path, ray_local, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from avpea_ray.train.launcher import run_training
+    from avpea_ray.train.fit import run_training
 
     port = free_port()
     server = subprocess.Popen(
@@ -119,7 +119,7 @@ def test_mlflow_server_and_driver_restart_continue_one_run(avqa_shards, tmp_path
         assert "tok3n" not in json.dumps(run.data.params) + json.dumps(second)
         assert run.data.tags["avpea.changed.optim.epochs"] == "1 -> 2"
         # A changed model is refused before anything starts: exit 2, the finished run untouched.
-        from avpea_ray.train.cli import run_job
+        from avpea_ray.cli import run_job
         code = run_job("avqa", "", [*_overrides(avqa_shards, tmp_path, **{"run.name": "restart", "optim.epochs": 2,
                                                                           **fast}), "model.reduction_factor=16"])
         assert code == 2
@@ -153,7 +153,7 @@ def test_job_reports_bad_input_without_traceback(avqa_shards, tmp_path):
 def test_avel_job_on_object_storage_reports_per_class(tmp_path, ray_local, s3):
     from mlflow.tracking import MlflowClient
 
-    from avpea_ray.train.launcher import run_training
+    from avpea_ray.train.fit import run_training
     from sharding import ave
     from tests import media
 
@@ -166,8 +166,7 @@ def test_avel_job_on_object_storage_reports_per_class(tmp_path, ray_local, s3):
                          "--split", split, "--num-frames", "10", "--image-size", "32", "--no-progress"]) == 0
     cfg = resolve_config(parse_job_args("", [
         *_overrides({"train": str(tmp_path / "train"), "val": str(tmp_path / "val"), "test": ""}, tmp_path,
-                    **{"task": "avel", "model.num_frames": 10, "model.audio.window_seconds": 1.0,
-                       "model.audio.target_frames": 102, "head.hidden": 32, "data.batch_size": 2,
+                    **{"task": "avel", "head.hidden": 32, "data.batch_size": 2,
                        "optim.epochs": 2, "run.name": "ave",
                        "run.storage_path": s3.make_bucket("runs") + "/avpea",
                        "run.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})]), None)[0]
@@ -189,7 +188,7 @@ def test_missing_test_shard_fails_by_default_and_is_counted_when_allowed(avqa_sh
     from mlflow.tracking import MlflowClient
 
     from avpea_ray.data.shards import read_index
-    from avpea_ray.train.cli import run_job
+    from avpea_ray.cli import run_job
 
     damaged = tmp_path / "test-damaged"
     shutil.copytree(avqa_shards["test"], damaged)

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from avpea_ray.config import ConfigError
-from avpea_ray.train.cli import parse_job_args, resolve_config
-from avpea_ray.train.launcher import preflight
+from avpea_ray.cli import parse_job_args, resolve_config
+from avpea_ray.train.preflight import preflight
 from tests.toy import TINY_TEXT, train_overrides
 
 pytestmark = pytest.mark.slow
 
-VALOR_MODEL = {"model.audio": {"window_seconds": 1.0, "target_frames": 102}}  # sharding.valor's
 AVR_HEAD = {"head.text_model": "random", "head.text_config": TINY_TEXT | {"max_position_embeddings": 32},
             "head.embed_dim": 32}
 AVC_HEAD = {"head.text_model": "random", "head.hidden": 64, "head.layers": 2, "head.num_heads": 4}
@@ -24,7 +23,7 @@ AVC_HEAD = {"head.text_model": "random", "head.hidden": 64, "head.layers": 2, "h
 
 def _overrides(shards, storage, task: str, **extra) -> list[str]:
     head = AVR_HEAD if task == "avr" else AVC_HEAD
-    overrides = train_overrides(shards, storage, **({"task": task} | VALOR_MODEL | head | extra))
+    overrides = train_overrides(shards, storage, **({"task": task} | head | extra))
     return [o for o in overrides if not o.startswith("head.hidden=")] if task == "avr" else overrides
 
 
@@ -35,7 +34,7 @@ def _config(shards, storage, task, **extra):
 def _run_job(task: str, argv: list[str], summary_json: Path) -> dict:
     """`python jobs/<task>.py ARGV --summary-json FILE`, in this process: on the test's local
     Ray (the job joins an initialised Ray, as under `ray job submit`)."""
-    from avpea_ray.train.cli import run_job
+    from avpea_ray.cli import run_job
 
     assert run_job(task, "", [*argv, "--summary-json", str(summary_json)]) == 0
     return json.loads(summary_json.read_text())
@@ -109,7 +108,7 @@ def test_retrieval_and_captioning_run_as_sweep_trials(valor_shards, tmp_path, ra
     import yaml
 
     from avpea_ray.config import merge, parse_override
-    from avpea_ray.train.tasks import TASKS
+    from avpea_ray.tasks import TASKS
     from tests.test_sweep import _job
 
     data: dict = {}

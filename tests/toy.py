@@ -7,8 +7,9 @@ import socket
 import timm
 import torch
 
+from avpea_ray.data.audio import AudioConfig
 from avpea_ray.model import AVPEAModel, ModelConfig
-from avpea_ray.model.audio import AudioConfig
+from avpea_ray.tasks import build_model
 
 TINY_VIT = "vit_base_patch16_224"
 TINY_KWARGS = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32}
@@ -23,8 +24,7 @@ def tiny_backbone(seed: int = 0, **overrides) -> torch.nn.Module:
 
 def tiny_config(**overrides) -> ModelConfig:
     """ModelConfig of the tiny ViT (random weights), with field overrides."""
-    fields = dict(backbone=TINY_VIT, weights="random", backbone_kwargs=dict(TINY_KWARGS),
-                  image_size=32, num_frames=2, audio=TINY_AUDIO)
+    fields = dict(backbone=TINY_VIT, weights="random", backbone_kwargs=dict(TINY_KWARGS))
     return ModelConfig(**(fields | overrides))
 
 
@@ -43,7 +43,7 @@ def tiny_model(task: str = "avqa", seed: int = 0, **overrides) -> AVPEAModel:
     """A tiny AVPEAModel with a small head."""
     head = TINY_HEADS[task]
     torch.manual_seed(seed)
-    return AVPEAModel(tiny_config(**overrides), task, head, backbone=tiny_backbone(seed))
+    return build_model(tiny_config(**overrides), task, head, backbone=tiny_backbone(seed))
 
 
 def clip_batch(batch: int = 2, steps: int = 2, seed: int = 1):
@@ -57,8 +57,8 @@ def clip_batch(batch: int = 2, steps: int = 2, seed: int = 1):
 def train_overrides(shards: dict[str, str], storage, **extra) -> list[str]:
     """`section.key=value` overrides of a tiny 2-layer ViT run on the test shards."""
     base = {
-        "model.backbone": "vit_base_patch16_224", "model.weights": "random", "model.image_size": 32,
-        "model.num_frames": 4, "model.backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32},
+        "model.backbone": "vit_base_patch16_224", "model.weights": "random",
+        "model.backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32},
         "head.hidden": 64, "data.train": shards["train"], "data.val": shards["val"], "data.test": shards["test"],
         "data.batch_size": 4, "data.eval_batch_size": 8, "data.loader_workers": 1, "data.shuffle_buffer": 16,
         "optim.lr": 4e-3, "optim.warmup_steps": 5, "run.storage_path": str(storage),

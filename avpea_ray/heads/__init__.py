@@ -1,25 +1,9 @@
-"""Task heads, kept apart from the trunk: each takes the DualStreamViT token sequences."""
-from avpea_ray.heads.avel import AVELHead, avel_accuracy, avel_counts, avel_predict
-from avpea_ray.heads.avqa import (
-    GROUPS,
-    QUESTION_TYPES,
-    AVQAHead,
-    avqa_accuracies,
-    avqa_counts,
-    majority_accuracy,
-    question_type_from_record,
-)
+"""Task heads, kept apart from the trunk: each takes the DualStreamViT token sequences
+(`(B, T, N+1, D)` visual, `(B, T, M+1, D)` audio) and is built for the trunk's width D."""
+from .avc import AVCHead
+from .avel import AVELHead, avel_predict
+from .avqa import GROUPS, QUESTION_TYPES, AVQAHead, avqa_accuracies, avqa_counts
+from .avr import AVRHead
 
-__all__ = [
-    "AVELHead",
-    "AVQAHead",
-    "GROUPS",
-    "QUESTION_TYPES",
-    "avel_accuracy",
-    "avel_counts",
-    "avel_predict",
-    "avqa_accuracies",
-    "avqa_counts",
-    "majority_accuracy",
-    "question_type_from_record",
-]
+__all__ = ["AVCHead", "AVELHead", "AVQAHead", "AVRHead", "GROUPS", "QUESTION_TYPES", "avel_predict",
+           "avqa_accuracies", "avqa_counts"]

@@ -181,35 +181,3 @@ def avel_predict(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     category = class_logits.argmax(dim=-1, keepdim=True).expand_as(is_event)
     background = torch.full_like(category, class_logits.shape[-1])
     return torch.where(is_event, category, background)
-
-
-def avel_counts(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Correct and total seconds, ready for an all-reduce (SUM).
-
-    Args:
-        pred: (B, T) predicted labels from `avel_predict`.
-        labels: (B, T) true labels.
-
-    Returns:
-        int64 tensor [correct, total] on pred's device (unpacks as `correct, total = ...`).
-    """
-    if pred.shape != labels.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and labels {tuple(labels.shape)} differ in shape")
-    correct = (pred == labels).sum()
-    return torch.stack([correct, torch.tensor(labels.numel(), device=correct.device)]).long()
-
-
-def avel_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy in percent over all seconds of all clips (the AVE metric).
-
-    Args:
-        pred: (B, T) predicted labels from `avel_predict`.
-        labels: (B, T) true labels.
-
-    Returns:
-        100 * correct seconds / all seconds.
-    """
-    correct, total = avel_counts(pred, labels).tolist()
-    if total == 0:
-        raise ValueError("avel_accuracy needs at least one second")
-    return 100.0 * correct / total

@@ -26,7 +26,6 @@ accuracies afterwards.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import torch
@@ -265,40 +264,6 @@ class AVQAHead(nn.Module):
         return total, {"answer_loss": answer_loss.detach(), "match_loss": match_loss.detach()}
 
 
-def question_type_from_record(type_field: str | Sequence[str]) -> str:
-    """Parse a MUSIC-AVQA `type` field into one of QUESTION_TYPES.
-
-    Args:
-        type_field: the record's `type`, a string holding a JSON list such as
-            '["Audio", "Counting"]' (an already parsed list is accepted too).
-
-    Returns:
-        The type name, e.g. "Audio-Counting".
-
-    Raises:
-        ValueError: naming the value when it is not a two-item list of a known type.
-    """
-    parsed = type_field
-    if isinstance(type_field, str):
-        try:
-            parsed = json.loads(type_field)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"question type field {type_field!r} is not a JSON list") from err
-    if (
-        not isinstance(parsed, (list, tuple))
-        or len(parsed) != 2
-        or not all(isinstance(part, str) for part in parsed)
-    ):
-        raise ValueError(f"question type field {type_field!r} is not a [group, kind] list")
-    name = f"{parsed[0]}-{parsed[1]}"
-    if name not in _TYPE_INDEX:
-        raise ValueError(
-            f"question type field {type_field!r} gives unknown type {name!r}; "
-            f"known: {', '.join(QUESTION_TYPES)}"
-        )
-    return name
-
-
 def avqa_counts(
     pred: torch.Tensor, target: torch.Tensor, question_types: Sequence[str]
 ) -> torch.Tensor:
@@ -358,21 +323,3 @@ def avqa_accuracies(counts: torch.Tensor) -> dict[str, float]:
         if total:
             result[name] = 100.0 * correct / total
     return result
-
-
-def majority_accuracy(train_answer_counts: torch.Tensor, target: torch.Tensor) -> float:
-    """Accuracy (percent) of always answering the most frequent training answer.
-
-    Args:
-        train_answer_counts: (num_answers,) how often each answer occurs in the training
-            split, e.g. `torch.bincount(train_answers, minlength=num_answers)`. Ties go to
-            the lowest answer index.
-        target: (Q,) true answer indices of the evaluated questions (Q >= 1).
-
-    Returns:
-        Percentage of `target` equal to the majority answer.
-    """
-    if target.numel() == 0:
-        raise ValueError("majority_accuracy needs at least one target")
-    majority = int(torch.argmax(train_answer_counts))
-    return 100.0 * (target == majority).sum().item() / target.numel()

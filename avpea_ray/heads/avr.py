@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.text import build_text_encoder
+from .text import build_text_encoder
 
 MAX_LOGIT_SCALE = math.log(100.0)
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
+
 GATINGS = ("learned", "open")
 
 
@@ -91,10 +93,10 @@ def check_reduction_factor(dim: int, reduction_factor: int) -> None:
     """Refuse a reduction factor that does not divide the backbone width.
 
     Raises:
-        ValueError: naming both numbers and the factors that would work.
+        ConfigError: naming the field, both numbers and the factors that would work.
     """
     if not isinstance(reduction_factor, int) or reduction_factor < 1 or dim % reduction_factor:
         divisors = [r for r in (1, 2, 4, 8, 16, 32, 64) if dim % r == 0]
-        raise ValueError(
-            f"reduction_factor={reduction_factor!r} does not divide the backbone width "
+        raise ConfigError(
+            f"model.reduction_factor={reduction_factor!r} does not divide the backbone width "
             f"D={dim}; the bottleneck width D/r must be a whole number (try one of {divisors})")

@@ -1,7 +1,8 @@
 """Adapter files, PEFT-style: `adapter_config.json` beside `adapter_model.safetensors`.
 
 Only the adapters and the head are saved (a few MB); the frozen backbone comes from its own
-weights when loading. Loading refuses a model whose architecture differs from the saved one and
+weights when loading (`avpea_ray.tasks.load_model` rebuilds the whole model from such a
+directory). Loading refuses a model whose architecture differs from the saved one and
 names the fields that differ.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -34,7 +36,7 @@ def adapter_config(model: AVPEAModel) -> dict[str, Any]:
         "format": FORMAT,
         "task": model.task,
         "model": to_dict(model.config),
-        "head": model.head_kwargs,
+        "head": model.head_spec.get("args", {}),
         "trainable_parameters": sum(p.numel() for _, p in model.trainable_named_parameters()),
     }
 
@@ -79,6 +81,13 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def saved_model_config(saved: dict[str, Any], **changes: Any) -> ModelConfig:
+    """The ModelConfig an adapter config records (fields older versions also recorded there,
+    the clips' frame and audio settings, now live in the shard index and are skipped)."""
+    known = {f.name for f in fields(ModelConfig)}
+    return from_dict(ModelConfig, {k: v for k, v in saved["model"].items() if k in known} | changes)
+
+
 def load_adapters(model: AVPEAModel, directory: str | Path) -> AVPEAModel:
     """Load saved adapters + head into `model`, refusing a mismatched architecture.
 
@@ -87,16 +96,17 @@ def load_adapters(model: AVPEAModel, directory: str | Path) -> AVPEAModel:
             argument, or the tensors' names/shapes differ; the message names each difference.
     """
     saved = read_adapter_config(directory)
-    saved_model = from_dict(ModelConfig, saved["model"])
+    saved_model = saved_model_config(saved)
     differences = [f"task: saved {saved['task']!r}, model {model.task!r}"] if saved["task"] != model.task else []
     for name, value in saved_model.architecture().items():
         current = getattr(model.config, name)
         if current != value:
             differences.append(f"model.{name}: saved {value!r}, model {current!r}")
-    for name in sorted(set(saved["head"]) | set(model.head_kwargs)):
-        if saved["head"].get(name) != model.head_kwargs.get(name):
+    head_args = model.head_spec.get("args", {})
+    for name in sorted(set(saved["head"]) | set(head_args)):
+        if saved["head"].get(name) != head_args.get(name):
             differences.append(f"head.{name}: saved {saved['head'].get(name)!r}, "
-                               f"model {model.head_kwargs.get(name)!r}")
+                               f"model {head_args.get(name)!r}")
     if differences:
         raise AdapterMismatchError(f"adapters in {str(directory)!r} do not fit this model: "
                                    + "; ".join(differences))
@@ -111,19 +121,6 @@ def load_adapters(model: AVPEAModel, directory: str | Path) -> AVPEAModel:
             f"unexpected {unexpected[:4]}, wrong shape {sorted(wrong_shape)[:4]}")
     model.load_state_dict(tensors, strict=False)
     return model
-
-
-def load_model(directory: str | Path, weights: str | None = None) -> AVPEAModel:
-    """Build the model a saved adapter directory describes and load its adapters.
-
-    Args:
-        directory: the adapter directory.
-        weights: the frozen backbone's weights ("timm", "random" or a file); default: as saved.
-    """
-    saved = read_adapter_config(directory)
-    config_data = dict(saved["model"]) | ({"weights": weights} if weights is not None else {})
-    model = AVPEAModel(from_dict(ModelConfig, config_data), saved["task"], saved["head"])
-    return load_adapters(model, directory)
 
 
 def _atomic(path: Path, write) -> None:

@@ -11,18 +11,18 @@ instead of timm's minutes of hub retries.
 """
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-HUB_HOST = "huggingface.co"
+from ..config import ConfigError
+from ..hub import hub_reachable
 
 
-class WeightsError(RuntimeError):
+
+class WeightsError(ConfigError):
     """Pretrained weights could not be loaded; the message says why and what to do."""
 
 
@@ -53,6 +53,16 @@ def create_backbone(name: str, weights: str = "random", **kwargs) -> nn.Module:
     model = timm.create_model(name, pretrained=False, **kwargs)
     load_weights_file(model, weights)
     return model
+
+
+def backbone_width(name: str, **kwargs) -> int:
+    """The token width D of timm model `name` (built on the meta device: no memory, no weights)."""
+    import torch
+
+    if not timm.list_models(name.split(".")[0]):
+        raise WeightsError(f"unknown timm model {name!r} (see timm.list_models('vit_*'))")
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).embed_dim
 
 
 def load_weights_file(model: nn.Module, path: str) -> None:
@@ -91,17 +101,6 @@ def load_weights_file(model: nn.Module, path: str) -> None:
             f"weights file {path!r} does not fit the backbone: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers within `timeout` seconds (False when HF_HUB_OFFLINE is set)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _create_pretrained_from_timm(name: str, **kwargs) -> nn.Module:

@@ -1,4 +1,8 @@
-"""ModelConfig: the trunk's settings (which frozen ViT, its weights, the adapters on it)."""
+"""ModelConfig: the trunk's settings (which frozen ViT, its weights, the adapters on it).
+
+What the clips look like (frames per clip, frame size, the spectrogram windows) is recorded
+once, in the shard index that made them; the model reads it from there (`data.shards`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +10,6 @@ from typing import Any
 
 from ..config import ConfigError
 from .adapter import GATINGS
-from .audio import AudioConfig
 from .dual_stream import ADAPTER_PLACEMENTS
 
 
@@ -19,33 +22,25 @@ class ModelConfig:
         weights: "timm" (pretrained by name), "random", or a local state-dict file.
         backbone_kwargs: extra `timm.create_model` arguments (tiny test ViTs: depth, embed_dim,
             num_heads, img_size).
-        image_size: frame side in pixels fed to the ViT.
-        num_frames: T, frames (and audio windows) per clip.
         reduction_factor: the adapter bottleneck's D / d (the paper: 8). Named apart from
             ASHA's own `reduction_factor` in sweeps as `model.reduction_factor`.
         adapters: which streams carry adapters: both, audio, visual, none (Table 4).
         cross_attention: the adapters' CLS cross-attention on/off.
         gating: "learned" scalar gates from 0 (paper) or "open" (fixed at 1).
-        audio: the audio front end's settings.
     """
 
     backbone: str = "vit_base_patch16_224.augreg_in21k"
     weights: str = "timm"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    image_size: int = 224
-    num_frames: int = 10
     reduction_factor: int = 8
     adapters: str = "both"
     cross_attention: bool = True
     gating: str = "learned"
-    audio: AudioConfig = field(default_factory=AudioConfig)
 
     def __post_init__(self):
         _check_choice("model.adapters", self.adapters, ADAPTER_PLACEMENTS)
         _check_choice("model.gating", self.gating, GATINGS)
         _check_positive("model.reduction_factor", self.reduction_factor)
-        _check_positive("model.num_frames", self.num_frames)
-        _check_positive("model.image_size", self.image_size)
 
     # Fields that change the trained parameters' shapes or meaning: a resume or an adapter
     # load refuses a model that differs in any of them.

@@ -15,6 +15,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from ..config import ConfigError
+
 from .adapter import AVPEA, check_reduction_factor
 from .backbone import create_backbone, frame_normalization
 
@@ -154,10 +156,10 @@ def _check_supported(backbone: nn.Module) -> None:
     needed = ("patch_embed", "pos_embed", "cls_token", "blocks", "norm", "embed_dim")
     missing = [a for a in needed if getattr(backbone, a, None) is None]
     if missing:
-        raise ValueError(f"backbone {type(backbone).__name__} is not a timm VisionTransformer "
+        raise ConfigError(f"model.backbone: {type(backbone).__name__} is not a timm VisionTransformer "
                          f"with a CLS token (missing {missing}); AV-PEA queries with the CLS token")
     block_parts = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
     for block in backbone.blocks:
         if not all(hasattr(block, a) for a in block_parts):
-            raise ValueError(f"unsupported block type {type(block).__name__}: AV-PEA needs "
+            raise ConfigError(f"model.backbone: unsupported block type {type(block).__name__}: AV-PEA needs "
                              f"timm's pre-norm Block ({', '.join(block_parts)})")

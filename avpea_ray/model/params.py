@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
-from .config import ModelConfig
 from .task_model import AVPEAModel
 
 
@@ -28,18 +26,12 @@ class ParameterCounts:
 def count_parameters(model: AVPEAModel) -> ParameterCounts:
     """Count a model's parameters by owner (BatchNorm running statistics are buffers, not
     parameters, as in the paper's counts)."""
-    adapter = sum(p.numel() for _, p in model.trunk.adapter_named_parameters() if p.requires_grad)
-    head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
+    trainable = dict(model.trainable_named_parameters())
+    adapter = sum(p.numel() for n, p in trainable.items() if n.startswith("trunk."))
+    head = sum(p.numel() for n, p in trainable.items() if n.startswith("head."))
     backbone = sum(p.numel() for p in model.trunk.backbone.parameters())
     num_adapters = len(model.trunk.adapters_visual) + len(model.trunk.adapters_audio)
     return ParameterCounts(adapter, head, backbone, num_adapters)
-
-
-def build_without_weights(config: ModelConfig, task: str, head_kwargs: dict) -> AVPEAModel:
-    """The model on the meta device: shapes only, no memory, no weights, no download."""
-    config = ModelConfig(**{**config.__dict__, "weights": "random"})
-    with torch.device("meta"):
-        return AVPEAModel(config, task, head_kwargs)
 
 
 def format_report(model: AVPEAModel, counts: ParameterCounts) -> str:

@@ -1,8 +1,10 @@
-"""AVPEAModel: the AV-PEA trunk plus one task head, and what of it trains.
+"""AVPEAModel: the AV-PEA trunk plus a task head, and what of it trains.
 
-The trunk (`DualStreamViT`) turns a batch of clips into token sequences; the head (AVQA, AVEL,
-...) turns those into task outputs. Only the adapters and the head train: their names start
-with `TRAINABLE_PREFIXES`, which is all that `trainable_state_dict()` saves.
+The trunk (`DualStreamViT`) turns a batch of clips into token sequences; the head it is given
+(timm-style: the model takes its head, it imports none) turns those into task outputs. What
+trains is what has `requires_grad`: the adapters and the head (minus any part a head freezes,
+e.g. a frozen text encoder). The optimiser, the parameter counts and the saved state all use
+that one definition.
 """
 from __future__ import annotations
 
@@ -15,58 +17,45 @@ from .config import ModelConfig
 from .dual_stream import DualStreamViT
 
 
-def _head_classes() -> dict[str, type[nn.Module]]:
-    # Imported here so the trunk does not depend on every head's module.
-    from ..heads.avc import AVCHead
-    from ..heads.avel import AVELHead
-    from ..heads.avqa import AVQAHead
-    from ..heads.avr import AVRHead
-    return {"avqa": AVQAHead, "avel": AVELHead, "avr": AVRHead, "avc": AVCHead}
-
-
-TASKS = ("avqa", "avel", "avr", "avc")
-
-
 class AVPEAModel(nn.Module):
     """Frozen dual-stream ViT with AV-PEA adapters, and a task head.
 
     Args:
         config: the trunk's settings (backbone, weights, adapters).
-        task: "avqa", "avel", "avr" (retrieval) or "avc" (captioning).
-        head_kwargs: the head's constructor arguments besides the width (e.g. vocab_size).
+        head: the task head, `head(visual, audio, **inputs) -> dict`, built for `trunk_width(config)`.
+        head_spec: how to build the head again (`{"task": name, "args": {...}}`), saved beside
+            the adapters so a saved model can be rebuilt; the model does not interpret it.
         backbone: an already built timm ViT to use instead of building one from `config`
             (it must be the one `config` names).
     """
 
-    TRAINABLE_PREFIXES = ("trunk.adapters_visual.", "trunk.adapters_audio.", "head.")
-
-    def __init__(self, config: ModelConfig, task: str, head_kwargs: dict[str, Any] | None = None,
+    def __init__(self, config: ModelConfig, head: nn.Module, head_spec: dict[str, Any] | None = None,
                  backbone: nn.Module | None = None):
         super().__init__()
-        heads = _head_classes()
-        if task not in heads:
-            raise ValueError(f"task must be one of {sorted(heads)}, got {task!r}")
         self.config = config
-        self.task = task
-        self.head_kwargs = dict(head_kwargs or {})
+        self.head_spec = dict(head_spec or {})
         self.trunk = DualStreamViT(
             backbone if backbone is not None else config.backbone,
             config.reduction_factor, adapters=config.adapters,
             cross_attention=config.cross_attention, gating=config.gating,
             weights=config.weights, **config.backbone_kwargs)
-        self.head = heads[task](self.trunk.dim, **self.head_kwargs)
+        self.head = head
 
-    # -- what trains ---------------------------------------------------------------------
-    def is_trainable_name(self, name: str) -> bool:
-        return name.startswith(self.TRAINABLE_PREFIXES)
+    @property
+    def task(self) -> str | None:
+        return self.head_spec.get("task")
 
+    # -- what trains: requires_grad, one definition ---------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Adapter and head parameters (everything the optimiser should see)."""
+        """Everything the optimiser should see: the parameters with `requires_grad`."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapters + head, parameters and buffers; never the frozen backbone."""
-        return {k: v for k, v in self.state_dict().items() if self.is_trainable_name(k)}
+        """The state a checkpoint or an adapter file keeps: every module that owns a trainable
+        parameter, with its parameters and persistent buffers (a BatchNorm's running
+        statistics); never the frozen backbone or a frozen text encoder."""
+        owners = {name.rpartition(".")[0] for name, _ in self.trainable_named_parameters()}
+        return {k: v for k, v in self.state_dict().items() if k.rpartition(".")[0] in owners}
 
     # -- forward -------------------------------------------------------------------------
     def forward_features(self, frames: torch.Tensor,

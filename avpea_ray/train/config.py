@@ -1,8 +1,8 @@
 """TrainConfig: everything a training run needs, as one typed, resolvable config.
 
-    task        avqa | avel | avr | avc
+    task        a registered task: avqa | avel | avr | avc (avpea_ray.tasks)
     model       ModelConfig       the frozen ViT and its adapters
-    head        dict              the task head's constructor arguments (hidden size, text model, ...)
+    head        the task's head config (a dataclass its task module declares: AVQAHeadConfig, ...)
     data        DataConfig        shard locations and the reader
     optim       OptimConfig       AdamW, warm-up + cosine schedule, clipping, precision
     run         RunConfig         Ray, storage, checkpoints, tracking
@@ -17,8 +17,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, from_dict
 from ..model.config import ModelConfig
+from ..tasks import get_task
 from .tracking import redact_uri
 
 
@@ -210,21 +211,22 @@ class EvaluationConfig:
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
-TASK_NAMES = ("avqa", "avel", "avr", "avc")
-
-
 @dataclass
 class TrainConfig:
     """The whole run: task, model, head, data, optimiser and run settings."""
 
     task: str = "avqa"
     model: ModelConfig = field(default_factory=ModelConfig)
-    head: dict[str, Any] = field(default_factory=dict)
+    head: Any = field(default_factory=dict)  # a dict in files; the task's head config after init
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self):
-        if self.task not in TASK_NAMES:
-            raise ConfigError(f"task must be one of {list(TASK_NAMES)}, got {self.task!r}")
+        head_config = get_task(self.task).head_config
+        if isinstance(self.head, dict):
+            self.head = from_dict(head_config, self.head, "head.")
+        elif not isinstance(self.head, head_config):
+            raise ConfigError(f"head: task {self.task!r} takes a {head_config.__name__}, got "
+                              f"{type(self.head).__name__}")

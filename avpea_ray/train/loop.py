@@ -29,9 +29,9 @@ from ..config import from_dict
 from ..data.reader import ShardStream
 from ..data.shards import read_index
 from ..model.task_model import AVPEAModel
+from ..tasks import build_model, make_task
 from .checkpoint import Progress, latest_intact, read_checkpoint, scratch_dir, upload_files, write_checkpoint
 from .config import TrainConfig
-from .tasks import make_task
 from .tracking import MetricLogger
 
 
@@ -50,7 +50,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     np.random.seed((cfg.data.seed * 1_000_003 + rank) % 2**32)
 
     task = make_task(cfg, read_index(cfg.data.train))
-    model = AVPEAModel(cfg.model, cfg.task, task.head_kwargs() | cfg.head).to(device)
+    model = build_model(cfg.model, cfg.task, task.head_args()).to(device)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     optimizer = _optimizer(model, cfg)
 

@@ -171,3 +171,15 @@ def finish_run(uri: str, run_id: str, artifacts: list[tuple[str, str | None]],
         else:
             client.log_artifact(run_id, path, sub)
     client.set_terminated(run_id, status)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tags on a run: a resume's allowed config changes, a sweep trial's identity (params
+    cannot change once logged, tags can)."""
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value)[:5000])
+
+
+def changes_as_tags(changes: dict[str, tuple[Any, Any]]) -> dict[str, str]:
+    return {f"avpea.changed.{key}": f"{old!r} -> {new!r}" for key, (old, new) in changes.items()}

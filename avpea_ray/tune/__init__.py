@@ -5,7 +5,8 @@ stopping, one MLflow parent run per sweep and a nested child run per trial.
     cfg, sweep = load_sweep_config("configs/sweep_avqa_vit_b16.yaml")
     summary = run_sweep(cfg, sweep)
 """
-from .config import DEMO_SWEEP, SchedulerConfig, SweepConfig, load_sweep_config
-from .sweep import prepare_sweep, run_sweep
+from .config import SchedulerConfig, SweepConfig, load_sweep_config
+from .plan import prepare_sweep
+from .sweep import run_sweep
 
-__all__ = ["DEMO_SWEEP", "SchedulerConfig", "SweepConfig", "load_sweep_config", "prepare_sweep", "run_sweep"]
+__all__ = ["SchedulerConfig", "SweepConfig", "load_sweep_config", "prepare_sweep", "run_sweep"]

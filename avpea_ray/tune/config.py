@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..config import ConfigError, from_dict, load_config, merge
-from ..train.cli import DEMO_AVQA
 from ..train.config import TrainConfig
 
 SEARCHES = ("grid", "random")
@@ -211,20 +210,6 @@ def _flatten_overrides(overrides: Any, where: str, prefix: str = "") -> dict[str
 
 
 # -- loading -----------------------------------------------------------------------------------
-
-# The demo sweep (no --config): the AVQA demo's tiny random ViT on the demo data, 12 trials
-# (4 adapter reduction factors x 3 gating variants, a log-uniform learning rate each), 4 epochs,
-# ASHA; two trials at a time on 2 CPU cores.
-DEMO_SWEEP: dict[str, Any] = json.loads(json.dumps(DEMO_AVQA)) | {"sweep": {
-    "name": "avqa-demo-sweep", "search": "grid", "num_samples": 1, "seed": 0,
-    "space": {"model.reduction_factor": [4, 8, 16, 32], "optim.lr": {"loguniform": [3e-4, 3e-3]}},
-    "variants": {"learned": {}, "open": {"model.gating": "open"},
-                 "no-xattn": {"model.cross_attention": False}},
-    "scheduler": {"type": "asha", "grace_period": 1, "asha_reduction_factor": 2},
-}}
-DEMO_SWEEP["optim"] = DEMO_SWEEP["optim"] | {"epochs": 4}
-DEMO_SWEEP["run"] = DEMO_SWEEP["run"] | {"cpus_per_worker": 0.5}
-
 
 def load_sweep_config(file: str | None, overrides: list[str] | tuple[str, ...] = (),
                       base: dict | None = None,

@@ -13,13 +13,13 @@ transformers' minutes of retries.
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .backbone import hub_reachable
+from ..config import ConfigError
+from ..hub import hub_reachable
 
 # Sizes of the "random" text model; `head.text_config` overrides any of them.
 RANDOM_TEXT_CONFIG: dict[str, Any] = {"hidden_size": 128, "num_hidden_layers": 2,
@@ -27,16 +27,16 @@ RANDOM_TEXT_CONFIG: dict[str, Any] = {"hidden_size": 128, "num_hidden_layers": 2
                                       "max_position_embeddings": 64}
 
 
-class TextModelError(RuntimeError):
+class TextModelError(ConfigError):
     """A text model or tokenizer could not be loaded; the message says why and what to do."""
 
 
-def load_tokenizer(text_model: str, vocab_file: str = ""):
+def load_tokenizer(text_model: str, vocab_words: list[str] | None = None):
     """The tokenizer of `text_model`.
 
     Args:
         text_model: "random", a local directory, or a hub name.
-        vocab_file: the WordPiece vocabulary for "random" (local path or any storage URL).
+        vocab_words: the WordPiece vocabulary for "random" (the train split's vocab.txt lines).
 
     Raises:
         TextModelError: no vocabulary for "random", or the named tokenizer cannot be had.
@@ -44,11 +44,10 @@ def load_tokenizer(text_model: str, vocab_file: str = ""):
     from transformers import AutoTokenizer, BertTokenizerFast
 
     if text_model == "random":
-        if not vocab_file:
+        if not vocab_words:
             raise TextModelError("head.text_model='random' needs the train split's vocab.txt "
                                  "(written by sharding.valor) and none was given")
-        words = Path(_local_copy(vocab_file)).read_text(encoding="utf-8").splitlines()
-        return BertTokenizerFast(vocab={word: i for i, word in enumerate(words)}, do_lower_case=True)
+        return BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab_words)}, do_lower_case=True)
     return _from_pretrained(AutoTokenizer, text_model, "tokenizer")
 
 
@@ -106,21 +105,3 @@ def _from_pretrained(loader, text_model: str, what: str):
     except Exception as err:  # noqa: BLE001
         raise TextModelError(f"head.text_model: could not load the {what} of {text_model!r} from "
                              f"the Hugging Face hub: {type(err).__name__}: {str(err)[:200]}") from err
-
-
-def _local_copy(url: str) -> str:
-    """A local path of `url` (object-store files are copied to a temporary file)."""
-    if "://" not in url:
-        if not Path(url).is_file():
-            raise TextModelError(f"vocabulary file {url!r} does not exist (expected the train "
-                                 f"split's vocab.txt from sharding.valor; set data.vocab)")
-        return url
-    from ..data import storage
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError as err:
-        raise TextModelError(f"vocabulary file {url!r} does not exist (expected the train "
-                             f"split's vocab.txt from sharding.valor; set data.vocab)") from err
-    with tempfile.NamedTemporaryFile("wb", suffix="-vocab.txt", delete=False) as f:
-        f.write(data)
-    return f.name

@@ -1,0 +1,149 @@
+"""The command line the jobs share: one parser, config resolution, the result printed.
+
+    python jobs/<task>.py [--config FILE] [section.key=value ...] [--num-workers N] [--use-gpu]
+                          [--storage-path PATH] [--run-name NAME] [--dry-run] [--summary-json PATH]
+    python jobs/sweep.py  [--config FILE] [section.key=value ...] [--name NAME]
+                          [--storage-path PATH] [--max-concurrent-trials N] [--summary-json PATH]
+
+Without --config a job runs its task's demo config (`configs/demo_<task>.yaml`); a config whose
+shards lie under demo_data/ gets its synthetic data built first, by the `build_demo_data`
+the job passes in (the library itself never imports the dataset tools).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .tasks import get_task
+from .train.config import TrainConfig
+
+DEMO_DATA = "demo_data"
+DEMO_NOTICE = ("demo mode: synthetic data in {data}, a tiny random-weight ViT ({config}), local Ray, "
+               "local shards and a local MLflow store (pass --config for real runs)")
+
+
+def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool = False) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. model.reduction_factor=16 optim.epochs=3")
+    parser.add_argument("--config", help="YAML or JSON config file (configs/*.yaml)" +
+                        ("; a training config plus a `sweep` section" if sweep else ""))
+    parser.add_argument("--storage-path", help="checkpoints and results: local dir or s3://bucket/prefix")
+    parser.add_argument("--summary-json", help="also write the summary here")
+    if sweep:
+        parser.add_argument("--name", help="sweep name (sweep.name): the same name again continues the sweep")
+        parser.add_argument("--max-concurrent-trials", type=int,
+                            help="trials at a time (sweep.max_concurrent_trials; 0: from the cluster)")
+    else:
+        parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
+        parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+        parser.add_argument("--run-name", help="stable run name: the same name again resumes the run")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="one train and one eval batch end to end; checks storage and tracking")
+    return parser.parse_intermixed_args(argv)
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """The flags as typed config values (dotted key -> value; they win over overrides). Set as
+    values, not as override text, so that no character in a path or name is parsed."""
+    flags = {"run.storage_path": args.storage_path,
+             "run.num_workers": getattr(args, "num_workers", None),
+             "run.name": getattr(args, "run_name", None),
+             "run.use_gpu": True if getattr(args, "use_gpu", False) else None,
+             "sweep.name": getattr(args, "name", None),
+             "sweep.max_concurrent_trials": getattr(args, "max_concurrent_trials", None)}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def resolve_config(args: argparse.Namespace, demo_config: str | Path | None) -> tuple[TrainConfig, bool]:
+    """Defaults <- file (--config, else the demo config) <- overrides <- flags.
+
+    Returns:
+        (config, whether it trains on the demo data).
+    """
+    cfg = load_config(TrainConfig, args.config or demo_config, args.overrides, values=flag_values(args))
+    return cfg, uses_demo_data(cfg.data.train)
+
+
+def uses_demo_data(train: str) -> bool:
+    return "://" not in train and Path(train).parts[:1] == (DEMO_DATA,)
+
+
+def run_job(task: str, description: str, argv: list[str] | None = None,
+            configs: str | Path | None = None,
+            build_demo_data: Callable[[str], object] | None = None) -> int:
+    """What every `jobs/<task>.py` does: parse flags, resolve the config (the task's demo config
+    from `configs` without --config), build demo data if it is used, train or resume, report.
+
+    Returns:
+        The exit code: 0, or 2 for a user error (printed as one line naming the field).
+    """
+    from .train.fit import run_training
+    from .train.report import baseline_line, format_summary
+
+    args = parse_job_args(description, argv)
+    try:
+        demo = get_task(task).demo_config
+        demo_config = Path(configs) / demo if configs and demo and not args.config else None
+        cfg, uses_demo = resolve_config(args, demo_config)
+        if cfg.task != task:
+            raise ConfigError(f"task: jobs/{task}.py trains task {task!r}, the config says {cfg.task!r}")
+        prepare_demo(cfg, uses_demo, demo_config, build_demo_data)
+        summary = run_training(cfg, dry_run=args.dry_run)
+    except ConfigError as err:
+        return fail(err)
+    if args.dry_run:
+        print("dry run ok: one train and one eval batch ran end to end; storage and tracking are reachable")
+        return 0
+    print(format_summary(summary))
+    line = baseline_line(summary)
+    if line:
+        print(line)
+    write_summary(summary, args.summary_json)
+    return 0
+
+
+def run_sweep_job(description: str, argv: list[str] | None = None, demo_config: str | Path | None = None,
+                  build_demo_data: Callable[[str], object] | None = None) -> int:
+    """What `jobs/sweep.py` does: the sweep file (the demo sweep without --config), demo data
+    if used, the sweep, its report. Exit 1 when a trial failed or the sweep was interrupted."""
+    from .tune.config import load_sweep_config
+    from .tune.report import report_sweep
+    from .tune.sweep import run_sweep
+
+    args = parse_job_args(description, argv, sweep=True)
+    try:
+        cfg, sweep = load_sweep_config(args.config or demo_config, args.overrides, values=flag_values(args))
+        prepare_demo(cfg, uses_demo_data(cfg.data.train), None if args.config else demo_config, build_demo_data)
+        summary = run_sweep(cfg, sweep)
+    except ConfigError as err:
+        return fail(err)
+    report_sweep(summary)
+    write_summary(summary, args.summary_json)
+    return 1 if summary["num_errors"] or summary["num_unfinished"] else 0
+
+
+def prepare_demo(cfg: TrainConfig, uses_demo: bool, demo_config, build_demo_data) -> None:
+    if not uses_demo:
+        return
+    print(DEMO_NOTICE.format(data=Path(cfg.data.train).parent, config=demo_config or "--config"))
+    if build_demo_data is not None:
+        build_demo_data(cfg.task)
+
+
+def write_summary(summary: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2, default=str))
+        print(f"summary written to {path}")
+
+
+def fail(err: Exception) -> int:
+    """A user error: one clear line, no traceback."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
