@@ -22,9 +22,6 @@ from avpea_ray.metrics.captions import (
     MeteorProcess,
     MeteorUnavailable,
     caption_scores,
-    cider_d,
-    corpus_bleu,
-    rouge_l,
     tokenize,
     tokenize_batch,
 )
@@ -331,19 +328,34 @@ def test_tokenize_batch_context_across_lines():
     assert tokenize_batch(["a\rb", "c\u2028d", "e\nf"]) == ["a b", "c d", "e f"]
 
 
+def _scores(pairs: dict[str, tuple[str, list[str]]]) -> dict[str, float]:
+    """`caption_scores` without METEOR, back on the 0..1 scale (0..10 for CIDEr)."""
+    scores = caption_scores({k: c for k, (c, _) in pairs.items()}, {k: r for k, (_, r) in pairs.items()}, meteor=False)
+    return {k: v / 100 for k, v in scores.items()}
+
+
 def test_metric_functions_hand_values():
     # Identical candidate and reference: BLEU ~1 (the toolkit's 1e-15/1e-9 smoothing), ROUGE-L 1.
-    assert corpus_bleu(["a b c d e"], [["a b c d e"]]) == pytest.approx([1, 1, 1, 1], abs=1e-9)
-    assert rouge_l(["a b c d e"], [["a b c d e"]]) == 1.0
+    same = _scores({"x": ("a b c d e", ["a b c d e"])})
+    assert [same[f"BLEU-{k}"] for k in range(1, 5)] == pytest.approx([1, 1, 1, 1], abs=1e-9)
+    assert same["ROUGE-L"] == 1.0
     # One candidate word of a two-word reference: P = 1, R = 1/2, F = 2.44 * .5 / (.5 + 1.44).
-    assert rouge_l(["a"], [["a b"]]) == pytest.approx(2.44 * 0.5 / (0.5 + 1.44))
+    short = _scores({"x": ("a", ["a b"])})
+    assert short["ROUGE-L"] == pytest.approx(2.44 * 0.5 / (0.5 + 1.44))
     # BLEU-1 with brevity penalty: 1 clipped match of 1 word, reference length 2 -> e^(1-2).
-    assert corpus_bleu(["a"], [["a b"]], n=1)[0] == pytest.approx(math.exp(-1), rel=1e-8)
+    assert short["BLEU-1"] == pytest.approx(math.exp(-1), rel=1e-8)
     # One segment: every n-gram's IDF is log(1) - log(1) = 0, so CIDEr-D is 0.
-    assert cider_d(["a b c"], [["a b c"]]) == 0.0
+    assert _scores({"x": ("a b c", ["a b c"])})["CIDEr"] == 0.0
     # Two segments, candidate = reference and no shared n-grams: each order's cosine is 1,
     # so each segment scores 10.
-    assert cider_d(["a b c d", "e f g h"], [["a b c d"], ["e f g h"]]) == pytest.approx(10.0)
+    assert _scores({"x": ("a b c d", ["a b c d"]), "y": ("e f g h", ["e f g h"])})["CIDEr"] == pytest.approx(10.0)
+    # No reference holds a word (the toolkit's Cider() would fail on it): CIDEr 0.
+    assert _scores({"x": ("a dog", ["..."]), "y": ("a cat", ["!"])})["CIDEr"] == 0.0
+
+
+def test_caption_scores_do_not_print(capsys):
+    caption_scores({"a": "A dog barks."}, {"a": ["A dog barks.", "A dog is barking."]}, meteor=False)
+    assert capsys.readouterr().out == ""
 
 
 def test_caption_scores_without_meteor_needs_no_java(monkeypatch, tmp_path):

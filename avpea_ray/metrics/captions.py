@@ -3,26 +3,25 @@
 Captioning papers (VALOR-32K, MSR-VTT, ...) report the numbers of the COCO caption toolkit
 (pycocoevalcap): every caption goes through Stanford's PTBTokenizer (lowercased, punctuation
 tokens dropped), then Bleu(4), Meteor(), Rouge() and Cider() score the tokenized strings.
-This module re-implements that pipeline:
+This module runs that pipeline with the toolkit's own scorers, except for two parts:
 
-- `tokenize` / `tokenize_batch` (in `ptb_tokenizer`): a pure-Python port of the behaviour of CoreNLP 3.4.1's
-  PTBTokenizer (the jar the toolkit ships) run as the toolkit runs it
-  (`-preserveLines -lowerCase`), followed by the toolkit's punctuation filter.
-- `corpus_bleu`, `rouge_l`, `cider_d`: pure Python/numpy, the toolkit's definitions.
-- `meteor_score`: the toolkit's own Meteor 1.5 jar over its stdin protocol (needs `java`).
-- `caption_scores`: all of the above, ×100 (percent scale, as papers report them).
+- Tokenizing: `tokenize` / `tokenize_batch` (in `ptb_tokenizer`) are a pure-Python port of
+  CoreNLP 3.4.1's PTBTokenizer (the jar the toolkit ships) run as the toolkit runs it
+  (`-preserveLines -lowerCase`), followed by the toolkit's punctuation filter. The toolkit's
+  PTBTokenizer starts Java; the port keeps per-epoch validation (`meteor=False`) Java-free.
+- METEOR: `MeteorProcess` drives the toolkit's Meteor 1.5 jar over the same stdin protocol
+  as the toolkit's Meteor(), but reads each answer after flushing its request, sends stderr
+  to a file (a full stderr pipe cannot stall the JVM), reports a dead JVM with its stderr
+  and ends the JVM when done (not in `__del__`). Needs `java`.
 
-Deliberate toolkit quirks that are reproduced (so that numbers are comparable):
+BLEU, ROUGE-L and CIDEr-D are pycocoevalcap's `Bleu(4)`, `Rouge()` and `Cider()` (pure
+Python), so their quirks are the toolkit's: ROUGE-L splits on single spaces (an empty
+candidate against an empty reference scores 1), CIDEr-D's length penalty compares bigram
+counts. `caption_scores` gives all of them ×100 (percent scale, as papers report them).
 
-- Parentheses and braces become `-lrb-`/`-rrb-`/`-lcb-`/`-rcb-`/`-lsb-`/`-rsb-` and are *kept*:
-  the toolkit's punctuation list holds the upper-case forms, but it filters the lowercased
-  tokens.
-- BLEU and CIDEr split the tokenized strings on any whitespace (`str.split()`), ROUGE-L on
-  single spaces (`str.split(" ")`); they differ when a token holds a non-breaking space (the
-  PTB tokenizer's `1 1/2` or phone numbers) or a string is empty (ROUGE-L then sees one empty
-  token, so an empty candidate against an empty reference scores 1).
-- CIDEr-D's length penalty compares the numbers of *bigrams* of candidate and reference (the
-  toolkit counts lengths in its bigram loop), not the numbers of words.
+The tokenizer reproduces one toolkit quirk: parentheses and braces become
+`-lrb-`/`-rrb-`/`-lcb-`/`-rcb-`/`-lsb-`/`-rsb-` and are *kept* (the toolkit's punctuation
+list holds the upper-case forms, but it filters the lowercased tokens).
 
 Known differences from the toolkit (only for input it mishandles or for rare scripts; the
 tokenizer otherwise agreed with the Java one on ~60,000 fuzzed lines of words, punctuation,
@@ -36,193 +35,27 @@ contractions, abbreviations, URLs, numbers, quotes and Unicode):
 - Which characters count as letters follows Python's Unicode tables (plus combining marks as
   word-internal), where the Java lexer used those of its 2014 build; characters added to
   Unicode since then may tokenize differently.
+- When no reference of any id holds a word (all tokenize to ""), the toolkit's Cider() fails
+  (max() of no document frequencies); here CIDEr is 0, as every similarity is.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import re
 import shutil
 import subprocess
 import tempfile
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
 
 log = logging.getLogger(__name__)
 
 from .ptb_tokenizer import PUNCTUATIONS, tokenize, tokenize_batch  # noqa: F401 - re-exported
-
-
-# ============================================================================================
-# BLEU, ROUGE-L, CIDEr-D on tokenized strings
-# ============================================================================================
-
-
-def _ngrams(words: Sequence[str], n: int) -> Counter:
-    """Counts of all 1..n-grams of `words` (tuples as keys)."""
-    counts: Counter = Counter()
-    for k in range(1, n + 1):
-        for i in range(len(words) - k + 1):
-            counts[tuple(words[i : i + k])] += 1
-    return counts
-
-
-def corpus_bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4) -> list[float]:
-    """Corpus-level BLEU-1..n, as the toolkit's Bleu(n) (effective reference length 'closest').
-
-    Clipped n-gram matches and candidate n-gram counts are summed over the corpus; the brevity
-    penalty compares the total candidate length with the sum over segments of the reference
-    length closest to that segment's candidate length (the shorter one on a tie). The toolkit
-    adds 1e-15 to every numerator and 1e-9 to every denominator (so an n-gram order without
-    any candidate n-gram gives ~0, not a division by zero); these are kept so that the numbers
-    agree to the last digits.
-
-    Args:
-        candidates: tokenized candidate strings (split on white space).
-        references: for each candidate, its tokenized references (at least one).
-        n: highest n-gram order.
-
-    Returns:
-        [BLEU-1, ..., BLEU-n] in [0, 1].
-    """
-    tiny, small = 1e-15, 1e-9
-    correct, guess = [0] * n, [0] * n
-    test_len = ref_len = 0
-    for cand, refs in zip(candidates, references, strict=True):
-        words = cand.split()
-        cand_counts = _ngrams(words, n)
-        max_ref: dict[tuple, int] = {}
-        ref_lens = []
-        for ref in refs:
-            ref_words = ref.split()
-            ref_lens.append(len(ref_words))
-            for gram, count in _ngrams(ref_words, n).items():
-                max_ref[gram] = max(max_ref.get(gram, 0), count)
-        test_len += len(words)
-        ref_len += min(ref_lens, key=lambda length: (abs(length - len(words)), length))
-        for k in range(n):
-            guess[k] += max(0, len(words) - k)
-        for gram, count in cand_counts.items():
-            correct[len(gram) - 1] += min(count, max_ref.get(gram, 0))
-    scores, product = [], 1.0
-    for k in range(n):
-        product *= (correct[k] + tiny) / (guess[k] + small)
-        scores.append(product ** (1.0 / (k + 1)))
-    ratio = (test_len + tiny) / (ref_len + small)
-    if ratio < 1:
-        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
-    return scores
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence of two token lists (O(len(a) * len(b)))."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, start=1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(candidates: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
-    """Mean ROUGE-L F-score over segments, as the toolkit's Rouge().
-
-    Per segment: precision and recall of the LCS against each reference, the best precision
-    and the best recall (maximised separately, over references), then
-    F = (1 + beta^2) P R / (R + beta^2 P), or 0 when either is 0. Strings are split on single
-    spaces, as the toolkit does (an empty string is one empty token).
-
-    Args:
-        candidates: tokenized candidate strings.
-        references: for each candidate, its tokenized references (at least one).
-        beta: recall weight (the toolkit uses 1.2).
-
-    Returns:
-        The mean F-score in [0, 1].
-    """
-    scores = []
-    for cand, refs in zip(candidates, references, strict=True):
-        cand_tokens = cand.split(" ")
-        precision = recall = 0.0
-        for ref in refs:
-            ref_tokens = ref.split(" ")
-            lcs = _lcs_length(ref_tokens, cand_tokens)
-            precision = max(precision, lcs / len(cand_tokens))
-            recall = max(recall, lcs / len(ref_tokens))
-        if precision and recall:
-            scores.append((1 + beta**2) * precision * recall / (recall + beta**2 * precision))
-        else:
-            scores.append(0.0)
-    return float(np.mean(scores)) if scores else 0.0
-
-
-def cider_d(
-    candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0
-) -> float:
-    """CIDEr-D averaged over segments, as the toolkit's Cider() (its "CIDEr" is CIDEr-D).
-
-    Each string becomes, per n-gram order, a TF-IDF vector: term count times
-    log(number of segments) - log(max(1, df)), where df counts the segments whose references
-    contain the n-gram (so IDF comes from the evaluated set's references). Per order, the
-    similarity with one reference is sum(min(c, r) * r) / (|c| |r|) (the candidate's weights
-    clipped at the reference's), times a Gaussian penalty exp(-delta^2 / (2 sigma^2)) on the
-    difference delta in bigram counts (see the module docstring). A segment's score is the mean
-    over orders of the mean over references, times 10.
-
-    Args:
-        candidates: tokenized candidate strings (split on white space).
-        references: for each candidate, its tokenized references (at least one).
-        n: highest n-gram order.
-        sigma: width of the length penalty.
-
-    Returns:
-        The mean score (about 0..10; papers print it ×100).
-    """
-    cand_counts = [_ngrams(c.split(), n) for c in candidates]
-    ref_counts = [[_ngrams(r.split(), n) for r in refs] for refs in references]
-    if len(cand_counts) != len(ref_counts):
-        raise ValueError(f"{len(cand_counts)} candidates but {len(ref_counts)} reference lists")
-    if not cand_counts:
-        return 0.0
-    df: Counter = Counter()
-    for refs in ref_counts:
-        df.update(set().union(*(r.keys() for r in refs)))
-    log_num_docs = math.log(float(len(ref_counts)))
-
-    def tfidf(counts: Counter) -> tuple[list[dict], list[float], int]:
-        vec: list[dict] = [{} for _ in range(n)]
-        norm = [0.0] * n
-        bigrams = 0
-        for gram, tf in counts.items():
-            order = len(gram) - 1
-            weight = float(tf) * (log_num_docs - math.log(max(1.0, df[gram])))
-            vec[order][gram] = weight
-            norm[order] += weight**2
-            if order == 1:
-                bigrams += tf
-        return vec, [math.sqrt(x) for x in norm], bigrams
-
-    scores = []
-    for cand, refs in zip(cand_counts, ref_counts):
-        vec, norm, length = tfidf(cand)
-        total = np.zeros(n)
-        for ref in refs:
-            vec_r, norm_r, length_r = tfidf(ref)
-            penalty = math.exp(-((length - length_r) ** 2) / (2 * sigma**2))
-            for k in range(n):
-                val = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec[k].items())
-                if norm[k] != 0 and norm_r[k] != 0:
-                    val /= norm[k] * norm_r[k]
-                total[k] += val * penalty
-        scores.append(float(np.mean(total)) / len(refs) * 10.0)
-    return float(np.mean(scores))
 
 
 # ============================================================================================
@@ -436,9 +269,16 @@ def caption_scores(
     tokenized = dict(zip(candidates, tokenize_batch(list(candidates.values()))))
     cands = [tokenized[i] for i in ids]
 
-    scores = {f"BLEU-{k + 1}": 100.0 * b for k, b in enumerate(corpus_bleu(cands, refs, 4))}
+    # The toolkit scorers' input: id -> [candidate] and id -> references, in references' order.
+    gts = dict(zip(ids, refs))
+    res = {i: [c] for i, c in zip(ids, cands)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=0: no print of its counts
+    scores = {f"BLEU-{k + 1}": 100.0 * b for k, b in enumerate(bleu)}
     if meteor:
         scores["METEOR"] = 100.0 * meteor_score(cands, refs)
-    scores["ROUGE-L"] = 100.0 * rouge_l(cands, refs)
-    scores["CIDEr"] = 100.0 * cider_d(cands, refs)
+    scores["ROUGE-L"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
+    if any(r.split() for r in flat_refs):
+        scores["CIDEr"] = 100.0 * float(Cider().compute_score(gts, res)[0])
+    else:  # no reference n-grams: the toolkit's Cider() would fail; every similarity is 0
+        scores["CIDEr"] = 0.0
     return scores
