@@ -7,14 +7,13 @@ names the fields that differ.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write
 from ..config import from_dict, to_dict
 from .config import ModelConfig
 from .task_model import AVPEAModel
@@ -62,8 +61,8 @@ def save_adapters(model: AVPEAModel, directory: str | Path,
     config = adapter_config(model) | ({"extra": extra} if extra else {})
     tensors = {k: v.detach().contiguous().cpu()
                for k, v in (tensors if tensors is not None else model.trainable_state_dict()).items()}
-    _atomic(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
-    _atomic(directory / CONFIG_NAME,
+    atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
+    atomic_write(directory / CONFIG_NAME,
             lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return directory
 
@@ -124,14 +123,3 @@ def load_model(directory: str | Path, weights: str | None = None) -> AVPEAModel:
     config_data = dict(saved["model"]) | ({"weights": weights} if weights is not None else {})
     model = AVPEAModel(from_dict(ModelConfig, config_data), saved["task"], saved["head"])
     return load_adapters(model, directory)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
