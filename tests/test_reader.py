@@ -255,7 +255,7 @@ def test_resume_refuses_a_different_layout(split, change, match):
         other.load_state_dict(state)
 
 
-# --- damage and transient errors ----------------------------------------------------------
+# --- damage ----------------------------------------------------------------------------
 
 @pytest.fixture
 def damaged_split(split, tmp_path) -> tuple[str, str, int]:
@@ -379,49 +379,6 @@ def test_an_undecodable_sample_fails_naming_key_and_shard(undecodable_split):
     assert keys_of(s) == ["bad00", "bad01", "bad03", "bad04", "bad05"]
     assert s.stats["decode_errors"] == s.stats["samples_lost"] == 1
     assert list(s.stats["bad_samples"]) == ["bad02"]
-
-
-class FlakyOpener:
-    """Opens shards normally, but the first read of each shard past 3 KB raises a
-    connection reset (markers on disk, since loader workers are separate processes)."""
-
-    def __init__(self, marker_dir: str):
-        self.marker_dir = marker_dir
-
-    def __call__(self, url: str):
-        marker = os.path.join(self.marker_dir, os.path.basename(url))
-        return _FlakyFile(open(url, "rb"), marker)
-
-
-class _FlakyFile:
-    def __init__(self, f, marker):
-        self.f, self.marker = f, marker
-
-    def read(self, size=-1):
-        if not os.path.exists(self.marker):
-            left = 3000 - self.f.tell()
-            if left > 0:  # deliver up to byte 3000, then drop the connection once
-                return self.f.read(left if size < 0 else min(size, left))
-            open(self.marker, "w").close()
-            raise ConnectionResetError("connection reset by peer (injected)")
-        return self.f.read(size)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
-def test_transient_errors_are_retried_without_loss_or_repeat(split, tmp_path):
-    seen, retries = [], 0
-    for rank in range(WORLD):
-        s = stream(split, rank, training=False, open_shard=FlakyOpener(str(tmp_path)))
-        seen += keys_of(s)
-        retries += s.stats["retries"]
-        assert not s.stats["corrupt_shards"]
-    assert sorted(seen) == KEYS
-    assert retries >= len(SHARD_SIZES)
 
 
 # --- object storage -----------------------------------------------------------------------

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from fsspec.implementations.memory import MemoryFileSystem
 
 import media
 from avpea_ray.data import shards, storage
@@ -114,64 +113,25 @@ def test_transient_errors(exc, transient):
     assert storage.is_transient(exc) is transient
 
 
-# -- storage: retried reads --------------------------------------------------------------
+# -- storage: retries are s3fs's --------------------------------------------------------
 
-class _DropOnce:
-    """A file that loses its 'connection' once, after `fail_at` bytes."""
+def test_s3_requests_are_retried_by_s3fs_with_our_classification(s3):
+    import s3fs.core
+    from botocore.exceptions import ClientError
 
-    def __init__(self, f, fail_at):
-        self._f, self._fail_at = f, fail_at
+    fs, _ = storage.filesystem(s3.make_bucket("retry-config") + "/x")
+    assert fs.retries == storage.S3_RETRIES
+    assert s3fs.core.CUSTOM_ERROR_HANDLER is storage._s3fs_should_retry
 
-    def read(self, size=-1):
-        if FlakyFS.failures and self._f.tell() + (size if size > 0 else 1 << 30) > self._fail_at:
-            FlakyFS.failures -= 1
-            raise ConnectionResetError("connection reset by peer")
-        return self._f.read(size)
+    def error(code, status):
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
 
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
-class FlakyFS(MemoryFileSystem):
-    """An in-memory filesystem whose reads fail `failures` times (fault injection)."""
-
-    protocol = "flaky"
-    failures = 0
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        return super()._strip_protocol(path.removeprefix("flaky://"))
-
-    def _open(self, path, mode="rb", **kwargs):
-        f = super()._open(path, mode, **kwargs)
-        return _DropOnce(f, 30_000) if "r" in mode else f
-
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        if FlakyFS.failures:
-            FlakyFS.failures -= 1
-            raise ConnectionResetError("connection reset by peer")
-        return super().cat_file(path, start, end, **kwargs)
-
-
-@pytest.mark.parametrize("failures,ok", [(0, True), (2, True), (storage.RETRY_ATTEMPTS, False)])
-def test_reads_retry_transient_errors(monkeypatch, failures, ok):
-    import fsspec
-
-    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.0)
-    data = os.urandom(100_000)
-    FlakyFS().pipe_file("/blob.bin", data)
-    for read in (lambda: storage.open_url("flaky:///blob.bin").read(),
-                 lambda: storage.read_bytes("flaky:///blob.bin")):
-        FlakyFS.failures = failures
-        if ok:
-            assert read() == data
-        else:
-            with pytest.raises(ConnectionResetError):
-                read()
-    FlakyFS.failures = 0
-    with pytest.raises(FileNotFoundError):
-        storage.read_bytes("flaky:///absent.bin")
+    before = storage.retries_so_far()
+    assert storage._s3fs_should_retry(error("InternalError", 500))
+    assert not storage._s3fs_should_retry(error("AccessDenied", 403))
+    assert not storage._s3fs_should_retry(error("NoSuchKey", 404))
+    assert storage.retries_so_far() == before + 1
 
 
 @pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])

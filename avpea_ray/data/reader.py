@@ -28,9 +28,10 @@ Guarantees (docs/data_format.md, "The reader's contract"):
   a run starts, from one listing.
 - Storage errors are never taken for damage. Permission/credential errors and an endpoint
   that never answered raise `storage.StorageAccessError` at once. Transient errors
-  (throttling, 5xx, dropped connections, timeouts, a restarting server) are retried with
-  back-off (`storage.RETRY_ATTEMPTS`, about 17 s without progress) by reopening the shard
-  and reading on from the sample where it broke off; nothing is delivered twice.
+  (throttling, 5xx, dropped connections, timeouts, a restarting server) are retried by the
+  storage library (s3fs, see `storage`: a ranged read whose body breaks off is re-fetched,
+  so the tar stream continues where it was and nothing is delivered twice); one that
+  outlasts its retries is raised as it is (an outage, not damage).
 
 Design. Per epoch the shard order is a seeded permutation (training) or the index order
 (evaluation); concatenated, the shards form a virtual sequence of N sample positions.
@@ -62,19 +63,18 @@ import logging
 import random
 import sys
 import tarfile
-import time
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from avpea_ray.data import shards, storage
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
-TAR_READ_BYTES = 1 << 20
 # Counters each worker reports (as deltas) with its batches; summed in `ShardStream.stats`.
 COUNTERS = ("raw_read", "decoded", "samples_lost", "decode_errors", "incomplete_samples",
             "refilled", "retries", "skipped_for_resume")
@@ -270,8 +270,8 @@ class _Damaged(Exception):
 
 
 def _open_shard(url: str) -> BinaryIO:
-    """The default shard opener: no retrying wrapper, `_SlotReader` retries itself."""
-    return storage.open_url(url, "rb", retry_reads=False)
+    """The default shard opener (remote reads are retried by the storage library)."""
+    return storage.open_url(url, "rb")
 
 
 class _SlotReader:
@@ -290,6 +290,7 @@ class _SlotReader:
         self.urls, self.counts, self.num_frames = urls, counts, num_frames
         self.open_shard, self.allow_damaged = open_shard, allow_damaged
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self._retries_before = storage.retries_so_far()
         # Not yet reported: damaged shards (url, reason) and bad samples (key, "url: reason").
         self.corrupt: list[tuple[str, str]] = []
         self.bad_samples: list[tuple[str, str]] = []
@@ -309,60 +310,54 @@ class _SlotReader:
             yield from self.shard_samples(plan.shard_order[k], lo, hi)
             pos += hi - lo
 
+    def count_retries(self) -> None:
+        """Bring `counters["retries"]` up to date: transient storage errors the storage
+        library retried in this process since this reader was made."""
+        self.counters["retries"] = storage.retries_so_far() - self._retries_before
+
     def shard_samples(self, shard: int, lo: int, hi: int) -> Iterator[dict]:
         """Raw samples number lo..hi-1 of one shard.
 
-        Transient storage errors: the shard is reopened and read on from the sample where
-        the read broke off (nothing twice), up to `storage.RETRY_ATTEMPTS` tries without
-        progress, then the error is raised. Access errors raise `StorageAccessError`.
-        Damage (missing, truncated or corrupt shard, incomplete sample) is recorded; then
-        the rest of the shard is skipped (allow_damaged) or `_Damaged` stops the slot.
+        Transient storage errors are retried by the storage library underneath the open
+        shard; one that outlasts its retries is raised (an outage: fail loudly, resume from
+        a checkpoint). Access errors raise `StorageAccessError`. Damage (missing, truncated
+        or corrupt shard, incomplete sample) is recorded; then the rest of the shard is
+        skipped (allow_damaged) or `_Damaged` stops the slot.
         """
         url = self.urls[shard]
         done = lo  # next sample number we still have to deliver
-        attempt, failed_at = 0, lo
-        while done < hi:
-            samples = self._read_tar(url, done)
-            try:
-                for number, raw in samples:
-                    if number >= hi:
-                        break
-                    done = number + 1
-                    missing = self._missing_members(raw)
-                    if missing:
-                        self.counters["incomplete_samples"] += 1
-                        self.bad_sample(raw["__key__"], f"{url}: incomplete sample ({missing})")
-                        continue
-                    self.counters["raw_read"] += 1
-                    yield raw
-                else:
-                    if done < hi:
-                        raise _Corrupt(f"ends after sample {done - 1} of the "
-                                       f"{self.counts[shard]} the index lists (truncated)")
-                break
-            except (_Damaged, storage.StorageAccessError):
-                raise
-            except _Corrupt as exc:
-                self._lose(url, str(exc), hi - done)
-                return
-            except Exception as exc:  # noqa: BLE001 - classified here
-                kind = storage.classify(exc, url)
-                if kind == "access":
-                    raise storage.access_error(exc, url) from exc
-                if kind == "transient":
-                    if done > failed_at:  # progress since the last failure: a fresh budget
-                        attempt, failed_at = 0, done
-                    if attempt == storage.RETRY_ATTEMPTS - 1:
-                        raise  # an outage, not damage: fail loudly, resume from a checkpoint
-                    self.counters["retries"] += 1
-                    time.sleep(storage.retry_delay(attempt))
-                    attempt += 1
+        samples = self._read_tar(url, lo)
+        try:
+            for number, raw in samples:
+                if number >= hi:
+                    break
+                done = number + 1
+                missing = self._missing_members(raw)
+                if missing:
+                    self.counters["incomplete_samples"] += 1
+                    self.bad_sample(raw["__key__"], f"{url}: incomplete sample ({missing})")
                     continue
-                what = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
-                self._lose(url, f"{what} ({type(exc).__name__}: {exc})", hi - done)
-                return
-            finally:
-                samples.close()  # closes the shard now, also when we stop early
+                self.counters["raw_read"] += 1
+                yield raw
+            else:
+                if done < hi:
+                    raise _Corrupt(f"ends after sample {done - 1} of the "
+                                   f"{self.counts[shard]} the index lists (truncated)")
+        except (_Damaged, storage.StorageAccessError):
+            raise
+        except _Corrupt as exc:
+            self._lose(url, str(exc), hi - done)
+        except Exception as exc:  # noqa: BLE001 - classified here
+            kind = storage.classify(exc, url)
+            if kind == "access":
+                raise storage.access_error(exc, url) from exc
+            if kind == "transient":
+                raise  # retried below us already: an outage, not damage
+            what = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+            self._lose(url, f"{what} ({type(exc).__name__}: {exc})", hi - done)
+        finally:
+            samples.close()  # closes the shard now, also when we stop early
+            self.count_retries()
 
     def _lose(self, url: str, reason: str, lost: int) -> None:
         self.counters["samples_lost"] += lost
@@ -380,35 +375,22 @@ class _SlotReader:
     def _read_tar(self, url: str, first: int) -> Iterator[tuple[int, dict]]:
         """(sample number, raw sample) from sample `first` on.
 
-        Samples before `first` are skipped without keeping their bytes. Corruption inside
-        the tar raises `_Corrupt`.
+        webdataset splits the tar stream into members and groups them by key (members as
+        raw bytes: no webdataset decoder runs, so nothing read is ever unpickled). Samples
+        before `first` are dropped as they pass. Corruption inside the tar raises `_Corrupt`.
         """
+        started = [-1]  # number of the sample whose members are streaming (-1: none yet)
         with self.open_shard(url) as f:
             try:
-                # Stream mode: one forward pass, no seeks (object stores), 1 MiB reads.
-                tar = tarfile.open(fileobj=f, mode="r|", bufsize=TAR_READ_BYTES)
-            except tarfile.TarError as exc:
-                raise _Corrupt(f"not a tar file ({exc})") from None
-            number, key, sample = -1, None, None
-            try:
-                for info in tar:
-                    tar.members = []  # stream mode would otherwise keep every header
-                    if not info.isreg():
-                        continue
-                    name_key, dot, member = info.name.partition(".")
-                    if not dot:
-                        continue
-                    if name_key != key:
-                        if sample is not None:
-                            yield number, sample
-                        number, key = number + 1, name_key
-                        sample = {"__key__": key, "__url__": url} if number >= first else None
-                    if sample is not None:
-                        sample[member] = tar.extractfile(info).read()
+                members = tar_file_iterator(f)  # one forward pass, no seeks (object stores)
+                samples = group_by_keys(_numbered(members, url, started), lcase=False)
+                for number, sample in enumerate(samples):
+                    if number >= first:
+                        yield number, sample
             except (tarfile.TarError, EOFError) as exc:
-                raise _Corrupt(f"unreadable after sample {number} ({exc})") from None
-            if sample is not None:
-                yield number, sample
+                if started[0] < 0:
+                    raise _Corrupt(f"not a tar file ({exc})") from None
+                raise _Corrupt(f"unreadable after sample {started[0]} ({exc})") from None
 
     def _missing_members(self, sample: dict) -> str:
         """What the sample lacks of its members (T frames, fbank, json); "" if nothing."""
@@ -416,6 +398,18 @@ class _SlotReader:
         missing = [f"{frames} of {self.num_frames} frames"] if frames != self.num_frames else []
         missing += [m for m in (shards.FBANK_MEMBER, shards.META_MEMBER) if m not in sample]
         return ", ".join(missing)
+
+
+def _numbered(members: Iterable[dict], url: str, started: list[int]) -> Iterator[dict]:
+    """Tar members as `group_by_keys` takes them (each names its shard); `started[0]`
+    follows the number of the sample the latest member belongs to (for error messages)."""
+    key = None
+    for member in members:
+        name_key = member["fname"].partition(".")[0]
+        if name_key != key:
+            key, started[0] = name_key, started[0] + 1
+        member["__url__"] = url
+        yield member
 
 
 class _EpochDataset(IterableDataset):
@@ -466,6 +460,7 @@ class _EpochDataset(IterableDataset):
         sent = dict.fromkeys(COUNTERS, 0)
 
         def report() -> dict:
+            reader.count_retries()
             delta = {k: reader.counters[k] - sent[k] for k in COUNTERS}
             sent.update(reader.counters)
             delta["corrupt"], reader.corrupt = reader.corrupt, []
@@ -567,8 +562,8 @@ class ShardStream:
         drop_last: training: cut each slot to whole batches (see the module docstring).
         persistent_workers, pin_memory, prefetch_factor, multiprocessing_context: passed to
             the DataLoader.
-        open_shard: opens a shard URL for binary reading (default: `storage.open_url`
-            without its retrying wrapper; the reader retries transient errors itself).
+        open_shard: opens a shard URL for binary reading (default: `storage.open_url`;
+            the storage library retries transient errors underneath).
         allow_damaged: False (default): a missing, truncated or corrupt shard, or a sample
             that does not decode, raises `DataDamageError` naming it. True: such damage is
             logged, counted in `stats` and skipped (training refills the lost samples).

@@ -4,44 +4,44 @@ Everything the shard writer, the validator and the reader touch goes through her
 these properties hold in one place:
 
 - atomic publication: `atomic_write_bytes` and `upload_file` never leave a half-written
-  object under its final name (local: temp file + `os.replace`; object stores: one whole PUT
-  or one multipart upload, which S3 only makes visible once it completes);
+  object under its final name (local: `avpea_ray.atomic`, temp file + `os.replace`; object
+  stores: one whole PUT or one multipart upload, which S3 only makes visible once it
+  completes);
 - errors are classified once (`classify`): a permission or credential error, or an endpoint
   that cannot be reached and has never answered in this process (a wrong AWS_ENDPOINT_URL),
-  raises `StorageAccessError` at once, naming the URL and what to check; transient errors
-  (throttling, 5xx, dropped connections, timeouts, and a refused connection once the
-  endpoint has answered: a server restarting) are retried with capped exponential back-off
-  (`RETRY_ATTEMPTS`, `retry_delay`; about 17 s in all); anything else is raised as it is;
-- retried reads: `open_url` survives transient errors by reopening the object at the byte
-  where the read broke off (the shard reader opens with `retry_reads=False` and retries
-  itself, at the sample where it broke off, so a shard read has one retry loop);
+  raises `StorageAccessError` at once, naming the URL and what to check;
+- retrying is s3fs's: every s3fs request (and every ranged read of an open file, which is
+  re-fetched whole when its body breaks off) goes through s3fs's retry loop
+  (`S3_RETRIES` tries, back-off 0.1 * 1.7**i s: about 17 s in all). s3fs retries dropped
+  connections, timeouts and throttling on its own; `classify` is installed as its custom
+  error handler (`s3fs.core.set_custom_error_handler`) so that it also retries 5xx and a
+  refused connection to an endpoint that has answered before (a server restarting), and
+  never an access error. botocore's own retries stay off: they would retry a refused
+  connection to a wrong endpoint for seconds before we could report it;
 - the S3 endpoint comes from `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (MinIO, moto, Ceph).
   botocore already honours both variables; we also pass the endpoint explicitly so that it
   becomes part of fsspec's filesystem-instance cache key (an endpoint changed at runtime then
-  gets a fresh client instead of a stale cached one). botocore's own retries are switched off
-  (they would spend ~10 s retrying a wrong endpoint); s3fs keeps its short per-request ones.
+  gets a fresh client instead of a stale cached one).
 """
 from __future__ import annotations
 
 import errno
-import io
 import os
 import shutil
-import tempfile
-import time
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 
+from avpea_ray import atomic
+
 T = TypeVar("T")
 
-# Retry policy for transient errors, the one place it is set: RETRY_ATTEMPTS tries in all,
-# waiting retry_delay(0), retry_delay(1), ... in between (0.5, 1, 2, 4, 5, 5 s: about 17 s,
-# enough to ride out an object store that restarts).
-RETRY_ATTEMPTS = 7
-RETRY_BASE_DELAY = 0.5
-RETRY_MAX_DELAY = 5.0
+# Tries s3fs makes per request (and per ranged read) before it raises; its back-off waits
+# min(0.1 * 1.7**i, 15) s after try i: 0.1, 0.17, ... 11.8 s, about 17 s in all, enough to
+# ride out an object store that restarts. (A ranged read nests two such loops in s3fs: its
+# GET request inside the re-fetch of the range.)
+S3_RETRIES = 9
 
 # errno values s3fs and the OS use for conditions that go away on their own: s3fs maps
 # SlowDown/ServiceUnavailable/503 to EBUSY and InternalError/500 to EREMOTEIO.
@@ -77,9 +77,23 @@ class StorageAccessError(OSError):
     """
 
 
-def retry_delay(attempt: int) -> float:
-    """Seconds to wait after failed try number `attempt` (0-based)."""
-    return min(RETRY_BASE_DELAY * 2 ** attempt, RETRY_MAX_DELAY)
+# Transient errors s3fs was told to retry in this process (see `_s3fs_should_retry`).
+_retries = 0
+
+
+def retries_so_far() -> int:
+    """How many times, in this process, `classify` had s3fs retry a transient error.
+
+    s3fs also retries its own list of dropped-connection errors and timeouts
+    (`s3fs.core.S3_RETRYABLE_ERRORS`) without asking, and those are not counted here.
+    """
+    return _retries
+
+
+def on_retry(exc: BaseException) -> None:
+    """Called each time s3fs is told to retry `exc` (counts it; tests replace it)."""
+    global _retries
+    _retries += 1
 
 
 def is_local(url: str) -> bool:
@@ -134,17 +148,33 @@ def _storage_options(url: str) -> dict[str, Any]:
     """fsspec options for `url`'s protocol: the S3 endpoint; no botocore retries."""
     if urlparse(url).scheme not in ("s3", "s3a"):
         return {}
-    # One attempt per botocore call: s3fs retries dropped reads and throttling briefly, and
-    # `retry` / the reader everything transient; botocore's retries would add ~10 s to every
-    # wrong-endpoint error. (A fresh dict: botocore rewrites it.)
+    # One attempt per botocore call: s3fs's loop is the one that retries (see the module
+    # docstring). botocore's standard/legacy modes retry every connection error, also a
+    # wrong endpoint's, which would delay that error by seconds. (A fresh dict: botocore
+    # rewrites it.)
     options: dict[str, Any] = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
     if _endpoint(url):
         options["endpoint_url"] = _endpoint(url)
     return options
 
 
+def _s3fs_should_retry(exc: BaseException) -> bool:
+    """s3fs's custom error handler: retry what `classify` calls transient.
+
+    s3fs asks about every error that is not on its own retry list (S3 error responses
+    other than SlowDown, refused connections, ...). It gives no URL; a refused
+    connection's endpoint comes from the error itself.
+    """
+    if classify(exc, "") != "transient":
+        return False
+    on_retry(exc)
+    return True
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for a URL.
+
+    For S3, the instance gets `S3_RETRIES` and `classify` as s3fs's error handler.
 
     Args:
         url: any fsspec URL (or local path).
@@ -152,7 +182,13 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     Returns:
         `(fs, path)`.
     """
-    return fsspec.core.url_to_fs(url, **_storage_options(url))
+    fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
+    if urlparse(url).scheme in ("s3", "s3a"):
+        import s3fs.core
+
+        fs.retries = S3_RETRIES
+        s3fs.core.set_custom_error_handler(_s3fs_should_retry)
+    return fs, path
 
 
 def _has_name(exc: BaseException, names: set[str]) -> bool:
@@ -196,18 +232,27 @@ def is_transient(exc: BaseException) -> bool:
     return _has_name(exc, _TRANSIENT_NAMES)
 
 
+def _refused_by_answered_endpoint(exc: BaseException, url: str) -> bool:
+    """Whether a refused connection went to an endpoint that has answered before."""
+    if url and endpoint_of(url) in ANSWERED_ENDPOINTS:
+        return True
+    target = str(getattr(exc, "kwargs", {}).get("endpoint_url") or "")  # botocore's
+    return bool(target) and any(e and target.startswith(e) for e in ANSWERED_ENDPOINTS)
+
+
 def classify(exc: BaseException, url: str) -> str:
     """What an error reading or writing `url` means.
 
     Returns:
         "access": permission/credential error, or a refused connection to an endpoint that
-        has never answered in this process (fatal; see `access_error`); "transient": retry;
-        "other": anything else (missing object, bad data, bugs).
+        has never answered in this process (fatal; see `access_error`); "transient": worth
+        retrying (s3fs does); "other": anything else (missing object, bad data, bugs).
+        With url "" a refused connection's endpoint is taken from the error.
     """
     if isinstance(exc, StorageAccessError) or _is_denied(exc):
         return "access"
     if _is_refused(exc):
-        return "transient" if endpoint_of(url) in ANSWERED_ENDPOINTS else "access"
+        return "transient" if _refused_by_answered_endpoint(exc, url) else "access"
     return "transient" if is_transient(exc) else "other"
 
 
@@ -231,128 +276,40 @@ def access_error(exc: BaseException, url: str) -> StorageAccessError:
         "the bucket policy")
 
 
-def retry(fn: Callable[[], T], url: str, what: str, attempts: int = RETRY_ATTEMPTS) -> T:
-    """Call `fn` until it succeeds, retrying transient errors with capped back-off.
+def _call(fn: Callable[[], T], url: str) -> T:
+    """Run one storage operation on `url`: access errors become `StorageAccessError`.
 
-    Args:
-        fn: the operation on `url`; it must be safe to repeat (a read, a whole-object PUT).
-        url: what it touches (classifies errors, names it in messages).
-        what: a description for the final error message.
-        attempts: total tries.
-
-    Returns:
-        `fn()`'s result. Access errors raise `StorageAccessError` at once, other
-        non-transient errors are raised as they are, the last transient one after `attempts`.
+    Nothing is retried here (s3fs retries transient errors, see the module docstring);
+    other errors are raised as they are. A success or a missing object records that the
+    endpoint answered.
     """
-    for attempt in range(attempts):
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - classified just below
-            kind = classify(exc, url)
-            if kind == "access":
-                raise access_error(exc, url) from exc
-            if isinstance(exc, FileNotFoundError):
-                note_answered(url)
-            if kind != "transient":
-                raise
-            if attempt == attempts - 1:
-                if hasattr(exc, "add_note"):
-                    exc.add_note(f"gave up trying to {what} after {attempts} attempts")
-                raise
-            time.sleep(retry_delay(attempt))
-        else:
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - classified just below
+        if classify(exc, url) == "access":
+            raise access_error(exc, url) from exc
+        if isinstance(exc, FileNotFoundError):
             note_answered(url)
-            return result
-    raise AssertionError("unreachable")  # pragma: no cover
+        raise
+    note_answered(url)
+    return result
 
 
-class RetryingReader(io.RawIOBase):
-    """A read-only file over an fsspec object that reopens it after a transient error.
-
-    A long streaming read of a 256 MiB shard can lose its connection half-way; instead of
-    failing, the object is reopened and the read resumes at the same offset.
-
-    Args:
-        opener: returns a fresh file object positioned at 0.
-        url: what it reads (error classification and messages).
-    """
-
-    def __init__(self, opener: Callable[[], Any], url: str):
-        super().__init__()
-        self._opener = opener
-        self._url = url
-        self._pos = 0
-        self._file = retry(opener, url, f"open {url}")
-
-    def _with_retry(self, op: Callable[[], T]) -> T:
-        tries = 0
-
-        def attempt() -> T:
-            nonlocal tries
-            tries += 1
-            if tries > 1:  # reopen at the offset where the broken read started
-                try:
-                    self._file.close()
-                except Exception:  # noqa: BLE001 - the old handle is broken anyway
-                    pass
-                self._file = self._opener()
-                if self._pos:
-                    self._file.seek(self._pos)
-            return op()
-
-        return retry(attempt, self._url, f"read {self._url}")
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._with_retry(lambda: self._file.read(size))
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = self._with_retry(lambda: self._file.seek(offset, whence))
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                handle = getattr(self, "_file", None)  # absent if the first open failed
-                if handle is not None:
-                    handle.close()
-            finally:
-                super().close()
-
-
-def open_url(url: str, mode: str = "rb", *, retry_reads: bool = True, **kwargs: Any):
+def open_url(url: str, mode: str = "rb", **kwargs: Any):
     """Open a local path or fsspec URL.
 
-    Reads of remote objects are wrapped in `RetryingReader` unless `retry_reads=False` (for
-    callers that retry themselves and classify errors with `classify`). Writes through this
-    function are NOT atomic; publish with `atomic_write_bytes` / `upload_file` instead.
+    Remote reads are retried by the filesystem (s3fs re-fetches a range whose body broke
+    off). Writes through this function are NOT atomic; publish with `atomic_write_bytes` /
+    `upload_file` instead.
 
     Args:
         url: path or URL.
         mode: "rb", "wb", "r", "w" ...
-        retry_reads: wrap remote reads in `RetryingReader`.
         **kwargs: passed to `fsspec.AbstractFileSystem.open` (e.g. block_size).
 
     Returns:
-        A file object (a context manager).
+        A file object (a context manager). Opening a remote file that we may not read
+        raises `StorageAccessError`.
     """
     if is_local(url):
         path = local_path(url)
@@ -361,60 +318,27 @@ def open_url(url: str, mode: str = "rb", *, retry_reads: bool = True, **kwargs: 
         return open(path, mode, encoding=None if "b" in mode else "utf-8")
     fs, path = filesystem(url)
     if "r" in mode and "+" not in mode:
-        if not retry_reads:
-            f = fs.open(path, mode, **kwargs)
-            note_answered(url)
-            return f
-        raw = RetryingReader(lambda: fs.open(path, "rb", **kwargs), url)
-        if "b" in mode:
-            return raw
-        return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8")
+        return _call(lambda: fs.open(path, mode, **kwargs), url)
     return fs.open(path, mode, **kwargs)
 
 
 def read_bytes(url: str) -> bytes:
-    """The whole content of a file or object (retried on transient errors)."""
+    """The whole content of a file or object."""
     if is_local(url):
         def read() -> bytes:
             with open(local_path(url), "rb") as f:
                 return f.read()
 
-        return retry(read, url, f"read {url}")  # a PermissionError -> StorageAccessError
+        return _call(read, url)  # a PermissionError -> StorageAccessError
     fs, path = filesystem(url)
-    return retry(lambda: fs.cat_file(path), url, f"read {url}")
+    return _call(lambda: fs.cat_file(path), url)
 
 
-def _fsync_dir(directory: str) -> None:
-    """Persist a rename: fsync the directory entry (best effort, not on every OS)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def local_temp_path(final_path: str) -> str:
-    """A fresh temporary file beside `final_path`, named `.<name>.tmp-XXXX` (hidden).
-
-    Writers that are killed leave such files behind; `sharding`'s writer removes them on
-    its next successful run.
-    """
-    directory = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final_path)}.tmp-", dir=directory)
-    os.close(fd)
-    return tmp
-
-
-def publish_local(tmp_path: str, final_path: str) -> None:
-    """Atomically move a finished temp file to its final local name (same directory)."""
-    os.replace(tmp_path, final_path)
-    _fsync_dir(os.path.dirname(os.path.abspath(final_path)))
+# The local halves of atomic publication live in `avpea_ray.atomic` (shared with the model's
+# adapter files); these names are what the shard writer uses.
+local_temp_path = atomic.temp_path
+publish_local = atomic.publish
+_remove_quietly = atomic.remove_quietly
 
 
 def atomic_write_bytes(url: str, data: bytes) -> None:
@@ -425,21 +349,11 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
         data: the full content.
     """
     if is_local(url):
-        path = local_path(url)
-        tmp = local_temp_path(path)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            publish_local(tmp, path)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
+        atomic.atomic_write_bytes(local_path(url), data)
         return
     fs, path = filesystem(url)
     # One PUT (multipart above s3fs's chunk size): S3 shows the object only once complete.
-    retry(lambda: fs.pipe_file(path, data), url, f"write {url}")
+    _call(lambda: fs.pipe_file(path, data), url)
 
 
 def upload_file(local_file: str, url: str) -> None:
@@ -450,26 +364,10 @@ def upload_file(local_file: str, url: str) -> None:
         url: destination path or URL.
     """
     if is_local(url):
-        path = local_path(url)
-        tmp = local_temp_path(path)
-        try:
-            shutil.copyfile(local_file, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            publish_local(tmp, path)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
+        atomic.atomic_write(local_path(url), lambda tmp: shutil.copyfile(local_file, tmp))
         return
     fs, path = filesystem(url)
-    retry(lambda: fs.put_file(local_file, path), url, f"upload {local_file} to {url}")
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+    _call(lambda: fs.put_file(local_file, path), url)
 
 
 def _parent(path: str) -> str:
@@ -483,7 +381,7 @@ def exists(url: str) -> bool:
     fs, path = filesystem(url)
     # Another process may have written it since this process cached the parent's listing.
     fs.invalidate_cache(_parent(path))
-    return retry(lambda: fs.exists(path), url, f"stat {url}")
+    return _call(lambda: fs.exists(path), url)
 
 
 def size(url: str) -> int:
@@ -492,7 +390,7 @@ def size(url: str) -> int:
         return os.path.getsize(local_path(url))
     fs, path = filesystem(url)
     fs.invalidate_cache(_parent(path))
-    return int(retry(lambda: fs.size(path), url, f"stat {url}"))
+    return int(_call(lambda: fs.size(path), url))
 
 
 def remove(url: str) -> None:
@@ -502,7 +400,7 @@ def remove(url: str) -> None:
         return
     fs, path = filesystem(url)
     try:
-        retry(lambda: fs.rm_file(path), url, f"remove {url}")
+        _call(lambda: fs.rm_file(path), url)
     except FileNotFoundError:
         pass
     fs.invalidate_cache(_parent(path))
@@ -516,7 +414,7 @@ def list_names(url: str) -> list[str]:
     fs, path = filesystem(url)
     fs.invalidate_cache(path)
     try:
-        entries = retry(lambda: fs.ls(path, detail=False), url, f"list {url}")
+        entries = _call(lambda: fs.ls(path, detail=False), url)
     except FileNotFoundError:
         return []
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -534,11 +432,11 @@ def list_sizes(url: str) -> dict[str, int]:
             with os.scandir(path) as entries:
                 return {e.name: e.stat().st_size for e in entries if e.is_file()}
 
-        return retry(scan, url, f"list {url}")
+        return _call(scan, url)
     fs, path = filesystem(url)
     fs.invalidate_cache(path)
     try:
-        entries = retry(lambda: fs.ls(path, detail=True), url, f"list {url}")
+        entries = _call(lambda: fs.ls(path, detail=True), url)
     except FileNotFoundError:
         return {}
     return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)

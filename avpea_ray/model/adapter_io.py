@@ -8,15 +8,14 @@ names the fields that differ.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write
 from ..config import from_dict, to_dict
 from .config import ModelConfig
 from .task_model import AVPEAModel
@@ -64,8 +63,8 @@ def save_adapters(model: AVPEAModel, directory: str | Path,
     config = adapter_config(model) | ({"extra": extra} if extra else {})
     tensors = {k: v.detach().contiguous().cpu()
                for k, v in (tensors if tensors is not None else model.trainable_state_dict()).items()}
-    _atomic(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
-    _atomic(directory / CONFIG_NAME,
+    atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
+    atomic_write(directory / CONFIG_NAME,
             lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return directory
 
@@ -121,14 +120,3 @@ def load_adapters(model: AVPEAModel, directory: str | Path) -> AVPEAModel:
             f"unexpected {unexpected[:4]}, wrong shape {sorted(wrong_shape)[:4]}")
     model.load_state_dict(tensors, strict=False)
     return model
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
