@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from avpea_ray.data import shards
-from avpea_ray.model.audio import AudioConfig, waveform_to_windows
+from avpea_ray.data.audio import AudioConfig, waveform_to_windows
 from sharding import common
 
 DATASET = "ave"

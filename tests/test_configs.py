@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from avpea_ray.config import load_config, to_dict
-from avpea_ray.model.audio import AudioConfig
+from avpea_ray.data.audio import AudioConfig
 from avpea_ray.model.params import build_without_weights, count_parameters
 from avpea_ray.train.config import TASK_NAMES, TrainConfig
 

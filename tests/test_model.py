@@ -19,7 +19,7 @@ from avpea_ray.config import ConfigError, from_dict, load_config
 from avpea_ray.model import (AVPEA, AVPEAModel, DualStreamViT, ModelConfig, WeightsError,
                              create_backbone, load_adapters, load_model, save_adapters)
 from avpea_ray.model.adapter_io import AdapterMismatchError
-from avpea_ray.model.audio import AudioConfig, waveform_to_windows, window_starts
+from avpea_ray.data.audio import AudioConfig, waveform_to_windows, window_starts
 from avpea_ray.model.params import build_without_weights, count_parameters
 from tests.toy import TINY_KWARGS, TINY_VIT, clip_batch, tiny_backbone, tiny_config, tiny_model
 

@@ -22,7 +22,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 import media
 from avpea_ray.data import shards, storage
-from avpea_ray.model.audio import AudioConfig, waveform_to_windows
+from avpea_ray.data.audio import AudioConfig, waveform_to_windows
 from sharding import ave, common, musicavqa, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

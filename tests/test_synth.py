@@ -176,7 +176,7 @@ def test_answers_are_a_function_of_both_modalities():
 # --- the media carry the facts ------------------------------------------------------------
 
 def test_frames_and_audio_show_the_facts(release):
-    from avpea_ray.model.audio import AudioConfig, waveform_to_windows
+    from avpea_ray.data.audio import AudioConfig, waveform_to_windows
 
     with open(os.path.join(release, "synth_facts.json")) as f:
         facts = json.load(f)

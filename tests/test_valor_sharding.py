@@ -21,7 +21,7 @@ import torch
 import media
 from avpea_ray.data import shards, storage
 from avpea_ray.data.reader import ShardStream
-from avpea_ray.model.audio import waveform_to_windows
+from avpea_ray.data.audio import waveform_to_windows
 from sharding import common, synth, synth_valor, valor, validate
 
 SIZES = {"train": 5, "val": 3, "test": 3}

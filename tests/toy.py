@@ -8,7 +8,7 @@ import timm
 import torch
 
 from avpea_ray.model import AVPEAModel, ModelConfig
-from avpea_ray.model.audio import AudioConfig
+from avpea_ray.data.audio import AudioConfig
 
 TINY_VIT = "vit_base_patch16_224"
 TINY_KWARGS = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32}
