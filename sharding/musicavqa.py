@@ -3,7 +3,7 @@
     python -m sharding.musicavqa --annotations DIR --frames DIR --audio DIR \\
         --out URL --split train|val|test [--strict] [--num-frames 10] [--image-size 224]
 
-Inputs as the dataset's users prepare them (the project's reference notes, section 3):
+Inputs as the dataset's users prepare them (github.com/GeWu-Lab/MUSIC-AVQA):
 `DIR/avqa-{train,val,test}.json`, `FRAMES/<video_id>/*.jpg` (1 fps) and `AUDIO/<video_id>.wav`.
 The vocabularies come from avqa-train.json whatever --split is, and are written as
 vocab.json beside the shards.
