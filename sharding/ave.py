@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
-from avpea_ray.data import shards
-from avpea_ray.data.audio import AudioConfig, waveform_to_windows
-from sharding import common
+from avpea_ray.data.audio import AudioConfig
+from sharding import common, run
 
 DATASET = "ave"
 BACKGROUND = 28            # class index of "no event" seconds
@@ -134,39 +132,7 @@ def second_labels(category_index: int, start: float, end: float,
     return [category_index if start <= t < end else BACKGROUND for t in range(seconds)]
 
 
-@dataclass
-class ClipJob:
-    """Everything a worker needs to build one clip's sample (picklable)."""
-
-    meta: dict
-    frames_dir: str | None
-    audio_dir: str | None
-    videos_dir: str | None
-    num_frames: int
-    image_size: int
-
-
-def prepare_clip(job: ClipJob) -> dict:
-    """Decode one clip (frame folder + WAV, or MP4) and encode its sample.
-
-    Raises:
-        common.SkipSample: missing or unreadable media.
-    """
-    video_id = job.meta["video_id"]
-    if job.videos_dir is not None:
-        frames, wave = common.load_video(os.path.join(job.videos_dir, f"{video_id}.mp4"),
-                                         job.num_frames, job.image_size)
-    else:
-        frames = common.load_frames(os.path.join(job.frames_dir, video_id), job.num_frames,
-                                    job.image_size)
-        wave = common.load_wav(os.path.join(job.audio_dir, f"{video_id}.wav"))
-    fbank = waveform_to_windows(wave, job.num_frames, AUDIO)
-    return shards.encode_sample(shards.sample_key(video_id), frames, fbank, job.meta)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sharding.ave", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True, help="AVE's Annotations.txt")
     parser.add_argument("--splits", required=True,
                         help="directory with trainSet.txt, valSet.txt, testSet.txt")
@@ -174,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audio", help="directory of <video_id>.wav files")
     parser.add_argument("--videos", help="directory of <video_id>.mp4 files "
                                          "(instead of --frames and --audio)")
-    common.add_output_args(parser)
-    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return run.build_parser("python -m sharding.ave", __doc__, add_args)
 
 
 def check_media_flags(args: argparse.Namespace) -> None:
@@ -192,14 +160,11 @@ def check_media_flags(args: argparse.Namespace) -> None:
     common.require_dir(args.audio, "--audio", "a folder of <video_id>.wav files")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Shard one AVE split. Returns the exit code (see common.run_main)."""
-    args = build_parser().parse_args(argv)
-    started = time.time()
+def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
+    """Read Annotations.txt (the categories) and the split list; one record per row."""
     check_media_flags(args)
     common.require_dir(args.splits, "--splits",
                        "the folder with trainSet.txt, valSet.txt and testSet.txt")
-    report = common.Report(DATASET, args.split)
     categories = category_order(read_rows(args.annotations, "--annotations", None))
     if not categories:
         raise common.UsageError(f"--annotations: {args.annotations} has no valid rows")
@@ -207,36 +172,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     split_path = os.path.join(args.splits, SPLIT_FILES[args.split])
     rows = read_rows(split_path, "--splits", report, args.strict)
 
-    jobs, seen_keys = [], {}
-    for row in rows:
-        problem = None
-        key = shards.sample_key(row.video_id)
-        if row.category not in category_ids:
-            problem = ("malformed_record", f"category {row.category!r} is not in "
-                                           f"{os.path.basename(args.annotations)}")
-        elif key in seen_keys:
-            problem = ("duplicate_key", f"key {key} already used by video {seen_keys[key]}")
-        if problem:
-            if args.strict:
-                raise common.StrictError(f"{row.video_id}: {problem[0]} ({problem[1]})")
-            report.skip(row.video_id, *problem)
-            continue
-        seen_keys[key] = row.video_id
-        index = category_ids[row.category]
-        meta = {"video_id": row.video_id, "category": row.category, "category_index": index,
-                "quality": row.quality, "start": row.start, "end": row.end,
-                "labels": second_labels(index, row.start, row.end)}
-        jobs.append((row.video_id, ClipJob(meta, args.frames, args.audio, args.videos,
-                                           args.num_frames, args.image_size)))
+    def records() -> Iterator[run.Record]:
+        for row in rows:
+            if row.category not in category_ids:
+                yield run.Record(row.video_id, skip=common.SkipSample(
+                    "malformed_record", f"category {row.category!r} is not in "
+                                        f"{os.path.basename(args.annotations)}"))
+                continue
+            index = category_ids[row.category]
+            meta = {"video_id": row.video_id, "category": row.category,
+                    "category_index": index, "quality": row.quality, "start": row.start,
+                    "end": row.end, "labels": second_labels(index, row.start, row.end)}
+            yield run.Record(row.video_id, run.MediaJob(
+                row.video_id, meta, args.num_frames, args.image_size, AUDIO,
+                frames_dir=args.frames, audio_dir=args.audio, videos_dir=args.videos))
 
     extra = {"categories": categories, "background_index": BACKGROUND,
              "source": "videos" if args.videos else "frames+audio"}
-    with common.open_writer(args, DATASET, asdict(AUDIO), extra) as writer:
-        common.write_samples(jobs, prepare_clip, writer, report, strict=args.strict,
-                             workers=args.workers, progress=not args.no_progress,
-                             desc=f"ave {args.split}")
-        common.finish(writer, report, started)
-    return 0
+    return run.Plan(records(), run.make_sample, AUDIO, extra)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Shard one AVE split. Returns the exit code (see common.run_main)."""
+    return run.main(DATASET, build_parser(), plan, argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m sharding.musicavqa --annotations DIR --frames DIR --audio DIR \\
         --out URL --split train|val|test [--strict] [--num-frames 10] [--image-size 224]
 
-Inputs as the dataset's users prepare them (the project's reference notes, section 3):
+Inputs as the dataset's users prepare them (github.com/GeWu-Lab/MUSIC-AVQA):
 `DIR/avqa-{train,val,test}.json`, `FRAMES/<video_id>/*.jpg` (1 fps) and `AUDIO/<video_id>.wav`.
 The vocabularies come from avqa-train.json whatever --split is, and are written as
 vocab.json beside the shards.
@@ -16,15 +16,14 @@ import json
 import os
 import re
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from avpea_ray.data import shards
-from avpea_ray.data.audio import AudioConfig, waveform_to_windows
-from sharding import common
+from avpea_ray.data.audio import AudioConfig
+from sharding import common, run
 
 DATASET = "musicavqa"
+AUDIO = AudioConfig()  # 1.95 s windows, 192 fbank frames
 KEPT_FIELDS = ("video_id", "question_id", "type", "question_content", "templ_values", "anser")
 PAD, UNK = "<pad>", "<unk>"  # question-word ids 0 and 1
 PLACEHOLDER = re.compile(r"<[A-Za-z_]+>")
@@ -201,48 +200,19 @@ def question_meta(q: Question, word_ids: dict[str, int], answer_ids: dict[str, i
             "question_type": q.question_type}
 
 
-@dataclass
-class VideoJob:
-    """Everything a worker needs to build one video's sample (picklable)."""
-
-    video_id: str
-    questions: list[dict]
-    frames_dir: str
-    audio_dir: str
-    num_frames: int
-    image_size: int
-    audio: AudioConfig
-
-
-def prepare_video(job: VideoJob) -> dict:
-    """Decode one video's frames and audio and encode its sample.
-
-    Raises:
-        common.SkipSample: missing or unreadable media.
-    """
-    frames = common.load_frames(os.path.join(job.frames_dir, job.video_id), job.num_frames,
-                                job.image_size)
-    wave = common.load_wav(os.path.join(job.audio_dir, f"{job.video_id}.wav"))
-    fbank = waveform_to_windows(wave, job.num_frames, job.audio)
-    meta = {"video_id": job.video_id, "questions": job.questions}
-    return shards.encode_sample(shards.sample_key(job.video_id), frames, fbank, meta)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sharding.musicavqa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True,
                         help="directory with avqa-train.json, avqa-val.json, avqa-test.json")
     parser.add_argument("--frames", required=True, help="directory of <video_id>/ JPEG folders")
     parser.add_argument("--audio", required=True, help="directory of <video_id>.wav files")
-    common.add_output_args(parser)
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Shard one MUSIC-AVQA split. Returns the exit code (see common.run_main)."""
-    args = build_parser().parse_args(argv)
-    started = time.time()
+def build_parser() -> argparse.ArgumentParser:
+    return run.build_parser("python -m sharding.musicavqa", __doc__, add_args)
+
+
+def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
+    """Read the annotations and vocabularies; one record per video, its questions grouped."""
     common.require_dir(args.annotations, "--annotations", "the folder with avqa-*.json")
     common.require_dir(args.frames, "--frames", "a folder of <video_id>/ frame folders")
     common.require_dir(args.audio, "--audio", "a folder of <video_id>.wav files")
@@ -251,7 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_records = load_annotations(train_path)
     split_records = train_records if args.split == "train" else load_annotations(split_path)
 
-    report = common.Report(DATASET, args.split)
     vocab = build_vocab(parse_records(train_records, "avqa-train.json", None))
     word_ids = {w: i for i, w in enumerate(vocab["question_words"])}
     answer_ids = {a: i for i, a in enumerate(vocab["answers"])}
@@ -263,35 +232,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if entry["answer_index"] < 0:
             report.count("unknown_answers")
         by_video.setdefault(q.video_id, []).append(entry)
-    jobs, seen_keys = [], {}
-    for video_id, entries in by_video.items():
-        key = shards.sample_key(video_id)
-        if key in seen_keys:  # two ids that sanitise to the same key
-            detail = f"its key {key} is also the key of video {seen_keys[key]}"
-            if args.strict:
-                raise common.StrictError(f"{video_id}: duplicate_key ({detail})")
-            report.skip(video_id, "duplicate_key", detail)
-            continue
-        seen_keys[key] = video_id
-        jobs.append((video_id, VideoJob(video_id, entries, args.frames, args.audio,
-                                        args.num_frames, args.image_size, AudioConfig())))
+    records = [run.Record(video_id, run.MediaJob(
+        video_id, {"video_id": video_id, "questions": entries}, args.num_frames,
+        args.image_size, AUDIO, frames_dir=args.frames, audio_dir=args.audio))
+        for video_id, entries in by_video.items()]
 
-    audio = asdict(AudioConfig())
+    def finish(written: list[run.MediaJob]) -> run.Extras:
+        kept_questions = sum(len(job.meta["questions"]) for job in written)
+        return run.Extras(
+            totals={"questions": kept_questions}, extra={"num_questions": kept_questions},
+            files={"vocab.json": json.dumps(vocab, indent=1, ensure_ascii=False).encode("utf-8")})
+
     extra = {"vocab": "vocab.json", "num_question_words": len(vocab["question_words"]),
              "num_answers": len(vocab["answers"])}
-    with common.open_writer(args, DATASET, audio, extra) as writer:
-        common.write_samples(jobs, prepare_video, writer, report, strict=args.strict,
-                             workers=args.workers, progress=not args.no_progress,
-                             desc=f"musicavqa {args.split}")
-        skipped_videos = {s["id"] for s in report.skipped if s["kind"] == "video"}
-        kept_questions = sum(len(e) for v, e in by_video.items() if v not in skipped_videos)
-        writer.extra["num_questions"] = kept_questions
-        # Written just before the index, which records its sha256.
-        if writer.total_samples:
-            writer.add_file("vocab.json",
-                            json.dumps(vocab, indent=1, ensure_ascii=False).encode("utf-8"))
-        common.finish(writer, report, started, questions=kept_questions)
-    return 0
+    return run.Plan(records, run.make_sample, AUDIO, extra, finish)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Shard one MUSIC-AVQA split. Returns the exit code (see common.run_main)."""
+    return run.main(DATASET, build_parser(), plan, argv)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Every video is a static scene of 1-3 "instruments" (big flat colour blocks) stan
 left, middle and/or right, and a soundtrack in which 1-3 instruments play pure tones (one
 pitch per instrument, each in its own mel band) over whole-second ranges. A sounding
 instrument may be off screen and a visible one may be silent, so questions about sounding
-*and* seen things need both modalities. Questions follow MUSIC-AVQA's release format (see
-reference.md section 3) and cover all nine of its question types.
+*and* seen things need both modalities. Questions follow MUSIC-AVQA's release format
+(github.com/GeWu-Lab/MUSIC-AVQA) and cover all nine of its question types.
 
 Layout written under `--out DIR` (what users download, before sharding):
 
@@ -106,10 +106,10 @@ class Scene:
 def onset_grid(seconds: int, windows: int = WINDOWS, window_seconds: float = 1.95) -> list[int]:
     """Whole seconds at which a sound may start: one inside each audio window but the last.
 
-    The sharder cuts `windows` windows of `window_seconds`, evenly spaced (reference.md
-    section 2); a sound starting at ceil(window start) is heard in that window, and on long
-    clips (windows further apart than their length) in no earlier one. For 10 s clips this
-    is 0..8.
+    The sharder cuts `windows` windows of `window_seconds`, evenly spaced
+    (`avpea_ray.data.audio.window_starts`); a sound starting at ceil(window start) is heard
+    in that window, and on long clips (windows further apart than their length) in no
+    earlier one. For 10 s clips this is 0..8.
     """
     step = max(seconds - window_seconds, 0) / (windows - 1)
     return sorted({math.ceil(i * step - 1e-9) for i in range(windows - 1)})
@@ -438,25 +438,36 @@ def write_scenes(out: str, scenes: dict[str, list[Scene]], *, seed: int, seconds
             list(pool.map(write_media, jobs, chunksize=8))
 
 
+def add_media_args(ap: argparse.ArgumentParser) -> None:
+    """The flags every synthetic release generator shares (seed, clip length, media)."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seconds", type=int, default=10, help="clip length (1 fps frames)")
+    ap.add_argument("--frame-size", type=parse_frame_size, default=(64, 64),
+                    help="N (square) or WxH, e.g. 640x360 (default 64)")
+    ap.add_argument("--texture", type=float, default=0.0,
+                    help="pixel noise std (grey levels) for realistic JPEG sizes")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
+
+
+def media_kwargs(args: argparse.Namespace) -> dict:
+    """`write_dataset` keyword arguments from `add_media_args`'s flags."""
+    return {"seed": args.seed, "seconds": args.seconds, "frame_size": args.frame_size,
+            "texture": args.texture, "workers": args.workers}
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sharding.synth",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--videos-train", type=int, default=240)
     ap.add_argument("--videos-val", type=int, default=60)
     ap.add_argument("--videos-test", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seconds", type=int, default=10, help="clip length (1 fps frames)")
-    ap.add_argument("--frame-size", type=parse_frame_size, default=(64, 64),
-                    help="N (square) or WxH, e.g. 640x360")
-    ap.add_argument("--texture", type=float, default=0.0,
-                    help="pixel noise std (grey levels) for realistic JPEG sizes")
-    ap.add_argument("--workers", type=int, default=None)
+    add_media_args(ap)
     args = ap.parse_args(argv)
     t0 = time.time()
     records = write_dataset(
         args.out, {"train": args.videos_train, "val": args.videos_val, "test": args.videos_test},
-        seed=args.seed, seconds=args.seconds, frame_size=args.frame_size,
-        texture=args.texture, workers=args.workers)
+        **media_kwargs(args))
     counts = {split: len(r) for split, r in records.items()}
     print(f"wrote {args.out}: questions {counts} in {time.time() - t0:.1f}s")
 

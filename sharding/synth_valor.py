@@ -17,10 +17,11 @@ Layout written under `--out DIR` (what `sharding.valor` reads):
     audio/<video_id>.wav                          16 kHz mono PCM
     synth_facts.json                              the generator's ground truth per video
 
-    python -m sharding.synth_valor --out demo_data/valor --seed 0
-    python -m sharding.valor --ids demo_data/valor/ids_train.json \\
-        --captions demo_data/valor/captions.json --frames demo_data/valor/frames \\
-        --audio demo_data/valor/audio --out demo_data/valor_shards/train --split train
+    python -m sharding.synth_valor --out demo_data/valor/release --seed 0
+    python -m sharding.valor --ids demo_data/valor/release/ids_train.json \\
+        --captions demo_data/valor/release/captions.json \\
+        --frames demo_data/valor/release/frames --audio demo_data/valor/release/audio \\
+        --out demo_data/valor/shards/train --split train
 """
 from __future__ import annotations
 
@@ -230,19 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", type=int, default=200, help="train videos (default %(default)s)")
     ap.add_argument("--val", type=int, default=40, help="val videos (default %(default)s)")
     ap.add_argument("--test", type=int, default=40, help="test videos (default %(default)s)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seconds", type=int, default=10, help="clip length (1 fps frames)")
-    ap.add_argument("--frame-size", type=synth.parse_frame_size, default=(64, 64),
-                    help="N (square) or WxH, e.g. 160x90 (default 64)")
-    ap.add_argument("--texture", type=float, default=0.0,
-                    help="pixel noise std (grey levels) for realistic JPEG sizes")
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
+    synth.add_media_args(ap)
     args = ap.parse_args(argv)
     t0 = time.time()
-    captions = write_dataset(
-        args.out, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed,
-        seconds=args.seconds, frame_size=args.frame_size, texture=args.texture,
-        workers=args.workers)
+    captions = write_dataset(args.out, {"train": args.train, "val": args.val, "test": args.test},
+                             **synth.media_kwargs(args))
     counts = {split: f"{len(c)} videos, {sum(map(len, c.values()))} captions"
               for split, c in captions.items()}
     print(f"wrote {args.out}: {counts} in {time.time() - t0:.1f}s")

@@ -6,9 +6,13 @@ Checks the index (shards.json) and every shard it lists: present, size and sha25
 a readable tar whose members are grouped per sample and complete (frame00.jpg ...
 frame{T-1}.jpg, fbank.npy, json), every JPEG/npy/json decodable with the shapes the index
 promises, the json's dataset-specific fields (VALOR: video_id, captions), sample counts as
-listed, no key twice; side files (vocab.json, vocab.txt) match their sha256;
-and at least R x W shards, since fewer shards than ranks x loader workers hangs DDP.
+listed, no key twice; side files (vocab.json, vocab.txt) match their sha256.
 Prints one line per problem naming the shard; exit 1 if any, 0 if none.
+
+With fewer shards than R ranks x W loader workers it also prints a warning (exit status
+unchanged): the reader handles that layout (readers then share a shard, each skipping to
+its own part), but each shared shard is read from its start by every reader that shares it,
+which costs extra reading; a smaller --max-shard-bytes gives every reader a shard of its own.
 
 Only files under the index's directory are read: a shard url (or side file name) that is
 empty, absolute, has a scheme or a '..' component is reported and never opened, and so is a
@@ -205,8 +209,8 @@ def validate(url: str, ranks: int = 1, loader_workers: int = 1) -> list[str]:
 
     Args:
         url: the split's directory/prefix or its shards.json.
-        ranks: training ranks that will read it.
-        loader_workers: DataLoader workers per rank.
+        ranks, loader_workers: accepted for callers that pass the training layout; a layout
+            with more readers than shards is not a problem (see `layout_warnings`).
 
     Returns:
         Problem lines; empty if the split is good.
@@ -216,11 +220,6 @@ def validate(url: str, ranks: int = 1, loader_workers: int = 1) -> list[str]:
     except shards.ShardIndexError as exc:
         return [str(exc)]
     problems = []
-    readers = max(1, ranks) * max(1, loader_workers)
-    if len(index.shards) < readers:
-        problems.append(f"{index.root}: {len(index.shards)} shard(s) but {ranks} rank(s) x "
-                        f"{loader_workers} loader worker(s) = {readers} readers need at least "
-                        f"one each; reshard with a smaller --max-shard-bytes")
     seen: dict[str, str] = {}
     for i, (shard_url, info) in enumerate(zip(index.shard_urls(), index.shards)):
         reason = shards.url_problem(info.url)
@@ -248,6 +247,27 @@ def validate(url: str, ranks: int = 1, loader_workers: int = 1) -> list[str]:
     return problems
 
 
+def layout_warnings(index: shards.ShardIndex, ranks: int = 1,
+                    loader_workers: int = 1) -> list[str]:
+    """Notes on a split that works but reads more than it needs to (not problems).
+
+    Args:
+        index: the split's index.
+        ranks: training ranks that will read it.
+        loader_workers: DataLoader workers per rank.
+
+    Returns:
+        One line if the split has fewer shards than readers, else nothing.
+    """
+    readers = max(1, ranks) * max(1, loader_workers)
+    if len(index.shards) >= readers:
+        return []
+    return [f"{index.root}: {len(index.shards)} shard(s) for {ranks} rank(s) x "
+            f"{loader_workers} loader worker(s) = {readers} readers: readers share shards, "
+            f"each reading a shared shard from its start up to its own part (extra reading, "
+            f"no error); a smaller --max-shard-bytes gives every reader its own shard"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Validate a split; print problems (or a one-line OK). Returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m sharding.validate", description=__doc__,
@@ -265,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(problems)} problem(s) in {args.url}", file=sys.stderr)
         return 1
     index = shards.read_index(args.url)
+    for line in layout_warnings(index, args.ranks, args.loader_workers):
+        print(f"warning: {line}")
     total = sum(s.bytes for s in index.shards)
     print(f"OK {args.url}: {len(index.shards)} shards, {index.total_samples} samples, "
           f"{total} bytes ({index.dataset} {index.split})")

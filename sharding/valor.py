@@ -27,17 +27,13 @@ vocabulary of the split's caption words, which `BertTokenizerFast(path)` (positi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 import unicodedata
 from collections import Counter
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from avpea_ray.data import shards
-from avpea_ray.data.audio import AudioConfig, waveform_to_windows
-from sharding import common
+from avpea_ray.data.audio import AudioConfig
+from sharding import common, run
 
 DATASET = "valor"
 AUDIO = AudioConfig(window_seconds=1.0, target_frames=102)
@@ -192,49 +188,9 @@ def clean_captions(value: Any) -> tuple[list[str], int]:
     return captions, len(value) - len(captions)
 
 
-# -- media -----------------------------------------------------------------------------------
-
-def find_audio(audio_dir: str, video_id: str) -> str:
-    """`<audio_dir>/<video_id>` with the first suffix of AUDIO_SUFFIXES that exists."""
-    for suffix in AUDIO_SUFFIXES:
-        path = os.path.join(audio_dir, video_id + suffix)
-        if os.path.isfile(path):
-            return path
-    raise common.SkipSample("missing_audio", f"no {video_id}{{{','.join(AUDIO_SUFFIXES)}}} "
-                                             f"in {audio_dir}")
-
-
-@dataclass
-class VideoJob:
-    """Everything a worker needs to build one video's sample (picklable)."""
-
-    video_id: str
-    captions: list[str]
-    frames_dir: str
-    audio_dir: str
-    num_frames: int
-    image_size: int
-
-
-def prepare_video(job: VideoJob) -> dict:
-    """Decode one video's frames and audio and encode its sample.
-
-    Raises:
-        common.SkipSample: missing or unreadable media.
-    """
-    frames = common.load_frames(os.path.join(job.frames_dir, job.video_id), job.num_frames,
-                                job.image_size)
-    wave = common.load_audio(find_audio(job.audio_dir, job.video_id))
-    fbank = waveform_to_windows(wave, job.num_frames, AUDIO)
-    meta = {"video_id": job.video_id, "captions": job.captions}
-    return shards.encode_sample(shards.sample_key(job.video_id), frames, fbank, meta)
-
-
 # -- the run ---------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sharding.valor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ids", required=True,
                         help="JSON list of the split's video ids")
     parser.add_argument("--captions", required=True,
@@ -243,58 +199,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", required=True, help="directory of <video_id>/ JPEG folders")
     parser.add_argument("--audio", required=True,
                         help="directory of <video_id>.wav|.flac|.mp3|.m4a files")
-    common.add_output_args(parser)
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Shard one VALOR-32K split. Returns the exit code (see common.run_main)."""
-    args = build_parser().parse_args(argv)
-    started = time.time()
+def build_parser() -> argparse.ArgumentParser:
+    return run.build_parser("python -m sharding.valor", __doc__, add_args)
+
+
+def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
+    """Read the ids and captions; one record per listed video."""
     common.require_dir(args.frames, "--frames", "a folder of <video_id>/ frame folders")
     common.require_dir(args.audio, "--audio", "a folder of <video_id>.{wav,flac,mp3,m4a} files")
     ids = load_ids(args.ids)
     captions_by_video = load_captions(args.captions)
 
-    report = common.Report(DATASET, args.split)
-    jobs, seen_keys = [], {}
-    for video_id in ids:
-        key = shards.sample_key(video_id)
-        try:
-            if key in seen_keys:  # listed twice, or two ids that sanitise to the same key
-                raise common.SkipSample("duplicate_key", "listed twice in --ids"
-                                        if seen_keys[key] == video_id else
-                                        f"key {key} already used by video {seen_keys[key]}")
-            if video_id not in captions_by_video:
-                raise common.SkipSample("no_captions", f"not in {args.captions}")
-            captions, dropped = clean_captions(captions_by_video[video_id])
-        except common.SkipSample as skip:
-            if args.strict:
-                raise common.StrictError(f"{video_id}: {skip.reason} ({skip.detail})") from None
-            report.skip(video_id, skip.reason, skip.detail)
-            continue
-        if dropped:
-            report.count("empty_captions_dropped", dropped)
-        seen_keys[key] = video_id
-        jobs.append((video_id, VideoJob(video_id, captions, args.frames, args.audio,
-                                        args.num_frames, args.image_size)))
+    def records() -> Iterator[run.Record]:
+        for video_id in ids:
+            try:
+                if video_id not in captions_by_video:
+                    raise common.SkipSample("no_captions", f"not in {args.captions}")
+                captions, dropped = clean_captions(captions_by_video[video_id])
+            except common.SkipSample as skip:
+                yield run.Record(video_id, skip=skip)
+                continue
+            job = run.MediaJob(video_id, {"video_id": video_id, "captions": captions},
+                               args.num_frames, args.image_size, AUDIO, frames_dir=args.frames,
+                               audio_dir=args.audio, audio_suffixes=AUDIO_SUFFIXES)
+            yield run.Record(video_id, job, counts={"empty_captions_dropped": dropped})
 
-    skipped_before = len(report.skipped)
-    with common.open_writer(args, DATASET, asdict(AUDIO), {"vocab": VOCAB_NAME}) as writer:
-        common.write_samples(jobs, prepare_video, writer, report, strict=args.strict,
-                             workers=args.workers, progress=not args.no_progress,
-                             desc=f"valor {args.split}")
-        media_skipped = {s["id"] for s in report.skipped[skipped_before:]}
-        kept = [c for video_id, job in jobs if video_id not in media_skipped
-                for c in job.captions]
+    def finish(written: list[run.MediaJob]) -> run.Extras:
+        kept = [c for job in written for c in job.meta["captions"]]
         vocab = build_vocab(kept)
-        writer.extra["num_captions"] = len(kept)
-        writer.extra["vocab_size"] = len(vocab)
-        # Written just before the index, which records its sha256.
-        if writer.total_samples:
-            writer.add_file(VOCAB_NAME, "".join(f"{token}\n" for token in vocab).encode("utf-8"))
-        common.finish(writer, report, started, captions=len(kept))
-    return 0
+        return run.Extras(totals={"captions": len(kept)},
+                          extra={"num_captions": len(kept), "vocab_size": len(vocab)},
+                          files={VOCAB_NAME: "".join(f"{t}\n" for t in vocab).encode("utf-8")})
+
+    return run.Plan(records(), run.make_sample, AUDIO, {"vocab": VOCAB_NAME}, finish)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Shard one VALOR-32K split. Returns the exit code (see common.run_main)."""
+    return run.main(DATASET, build_parser(), plan, argv)
 
 
 if __name__ == "__main__":

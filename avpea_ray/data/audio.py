@@ -1,8 +1,9 @@
 """Audio front end: 16 kHz mono waveform -> T log-mel (kaldi fbank) windows, normalised.
 
-The spectrogram of each window is an image of shape (time, mel) that the frozen ViT's own
+Preprocessing done once, by the sharders (sharding/*.py), whose output (`fbank.npy`) the model
+reads. The spectrogram of each window is an image of shape (time, mel) that the frozen ViT's own
 patch embedding cuts into 16x16 patches (see `DualStreamViT.embed_audio`). The recipe is the
-one the AV-PEA peers use (LAVISH, reference.md section 2): waveform mean removed, kaldi fbank
+one the AV-PEA peers use (LAVISH, github.com/GenjiB/LAVISH): waveform mean removed, kaldi fbank
 with a Hanning window, 128 mel bins and a 10 ms shift, padded or cropped to a fixed number of
 frames, then `(x - mean) / (2 * std)`.
 """
