@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import to_dict
+from ..tasks import get_task
 from .cluster import alive_nodes, init_ray
 from .config import TrainConfig
 from .preflight import Preflight, check_storage_shared, preflight
@@ -102,7 +103,9 @@ def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = 
     cfg = checked.cfg
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "dry_run": dry_run,
+        # The task class travels with the run: a task registered in the driver (a user's own
+        # module, a test) needs no import in the workers.
+        train_loop_config={"config": to_dict(cfg), "task": get_task(cfg.task), "dry_run": dry_run,
                            "mlflow": {"uri": checked.tracking_uri, "run_id": run_id}},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),

@@ -29,15 +29,16 @@ from ..config import from_dict
 from ..data.reader import ShardStream
 from ..data.shards import read_index
 from ..model.task_model import AVPEAModel
-from ..tasks import build_model, make_task
+from ..tasks import build_model, make_task, register
 from .checkpoint import Progress, latest_intact, read_checkpoint, scratch_dir, upload_files, write_checkpoint
 from .config import TrainConfig
 from .tracking import MetricLogger
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point. `loop_config`: {"config": resolved TrainConfig dict,
-    "mlflow": {"uri", "run_id"}, "dry_run": bool}."""
+    """Ray Train entry point. `loop_config`: {"config": resolved TrainConfig dict, "task": its
+    task class, "mlflow": {"uri", "run_id"}, "dry_run": bool}."""
+    register(loop_config["task"])
     cfg: TrainConfig = from_dict(TrainConfig, loop_config["config"])
     dry_run = loop_config.get("dry_run", False)
     context = ray.train.get_context()

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import ConfigError, from_dict, to_dict
 from ..data import storage
+from ..tasks import get_task, register
 from ..train.cluster import init_ray
 from ..train.preflight import preflight
 from ..train.tracking import finish_run, flatten, redact_uri, start_or_resume_run
@@ -79,7 +80,8 @@ def make_trainable(plan: SweepPlan, parent_run_id: str):
     """The trial driver Tune runs per trial, with its resources."""
     from ray import tune
 
-    setup = {"base": plan.base, "sweep": to_dict(plan.sweep), "parent_run_id": parent_run_id}
+    setup = {"base": plan.base, "sweep": to_dict(plan.sweep), "parent_run_id": parent_run_id,
+             "task": get_task(plan.cfg.task)}
 
     def avpea_trial(config: dict) -> None:
         run_trial(config, setup)
@@ -97,6 +99,7 @@ def run_trial(point: dict[str, Any], setup: dict[str, Any]) -> None:
 
     from ..train.fit import fit_run
 
+    register(setup["task"])
     sweep = from_dict(SweepConfig, setup["sweep"], "sweep.")
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup["base"], sweep, point)
