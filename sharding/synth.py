@@ -438,6 +438,12 @@ def write_scenes(out: str, scenes: dict[str, list[Scene]], *, seed: int, seconds
             list(pool.map(write_media, jobs, chunksize=8))
 
 
+def add_split_args(ap, noun: str = "videos") -> None:
+    """--train/--val/--test: how many of `noun` per split (200/40/40 by default)."""
+    for split, default in (("train", 200), ("val", 40), ("test", 40)):
+        ap.add_argument(f"--{split}", type=int, default=default, help=f"{split} {noun} (default %(default)s)")
+
+
 def add_media_args(ap: argparse.ArgumentParser) -> None:
     """The flags every synthetic release generator shares (seed, clip length, media)."""
     ap.add_argument("--seed", type=int, default=0)

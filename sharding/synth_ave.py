@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m sharding.synth_ave",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--train", type=int, default=200, help="train clips (default %(default)s)")
-    ap.add_argument("--val", type=int, default=40, help="val clips (default %(default)s)")
-    ap.add_argument("--test", type=int, default=40, help="test clips (default %(default)s)")
+    synth.add_split_args(ap, "clips")
     synth.add_media_args(ap)
     args = ap.parse_args(argv)
     t0 = time.time()
