@@ -2,6 +2,7 @@
 
     python -m sharding.ave --annotations AVE/Annotations.txt --splits AVE --videos AVE/videos \\
         --out s3://bucket/avpea/ave/train --split train             # (and val, test)
+    python jobs/avel.py                                   # the demo: configs/demo_avel.yaml
     python jobs/avel.py --config configs/avel_vit_b16.yaml --num-workers 8 --use-gpu \\
         --storage-path s3://bucket/runs --run-name avel-b16
     ray job submit --working-dir . -- python jobs/avel.py --config ...   # on a Ray cluster

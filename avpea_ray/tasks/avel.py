@@ -48,6 +48,7 @@ class AVELTask(Task):
     primary_metric = "accuracy"
     primary_metric_label = "AVE accuracy, %"
     reference_head_args = {"num_classes": 28}  # AVE: 28 event classes
+    demo_config = "demo_avel.yaml"
     num_classes = 28
 
     def __init__(self, cfg, categories: list[str] | None = None):
