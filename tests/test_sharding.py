@@ -178,6 +178,92 @@ def test_writer_bounds_shards_and_reads_back(tmp_path):
     assert decoded[0]["meta"] == {"id": "s0"}
 
 
+def _raw_sample(key: str, sizes: list[int], rng: np.random.Generator) -> dict:
+    """A sample with members of the given byte sizes (frames..., fbank, json); the writer
+    does not decode members, so their content can be any bytes."""
+    *frames, fbank, meta = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    sample = {"__key__": key, shards.FBANK_MEMBER: fbank, shards.META_MEMBER: meta}
+    sample.update({f"frame{t:02d}.jpg": data for t, data in enumerate(frames)})
+    return sample
+
+
+def _sample_spans(path) -> list[tuple[str, int, int]]:
+    """(key, start, end) of every sample in a tar, in order: from its first header (extended
+    headers included) to the end of its last member's block-padded content."""
+    spans: dict[str, list[int]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            spans.setdefault(m.name.split(".", 1)[0], [m.offset, end])[1] = end
+    return [(key, start, end) for key, (start, end) in spans.items()]
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    """Two runs (two run ids, written seconds apart) give the same bytes for the same input:
+    fixed mtime, uid/gid, uname/gname and mode, members in the order the writer got them."""
+    rng = np.random.default_rng(3)
+    samples = [_sample(f"s{i}", rng) for i in range(7)] + [_sample("k" * 120, rng)]
+    runs = []
+    for run in ("a", "b"):
+        with shards.ShardWriter(str(tmp_path / run), split="train", dataset="toy", num_frames=2,
+                                image_size=16, audio={}, max_shard_bytes=20_000) as writer:
+            for s in samples:
+                writer.write(s)
+        runs.append(shards.read_index(str(tmp_path / run)))
+        time.sleep(1.1)  # a clock-derived mtime would differ between the runs
+    first, second = runs
+    assert first.run != second.run and len(first.shards) > 2
+    assert [(s.samples, s.bytes, s.sha256, s.keys_sha256) for s in first.shards] == \
+        [(s.samples, s.bytes, s.sha256, s.keys_sha256) for s in second.shards]
+    for a, b in zip(first.shard_urls(), second.shard_urls()):
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            assert fa.read() == fb.read()
+    with tarfile.open(first.shard_urls()[0]) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members][:4] == [f"s0.{n}" for n in ("frame00.jpg", "frame01.jpg",
+                                                                 "fbank.npy", "json")]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == \
+        {(0, 0, 0, "", "", 0o644)}
+
+
+@pytest.mark.parametrize("limit", [1, 10_240, 20_480, 30_000, 30_720, 51_200, 100_000])
+def test_no_shard_exceeds_max_bytes(tmp_path, limit):
+    """Members of many sizes (block boundaries among them) and long keys (extended headers of
+    one and of several blocks): every shard of more than one sample stays within the limit,
+    and a shard is closed only when the next sample would not have fit."""
+    rng = np.random.default_rng(limit)
+    edge = [0, 1, 511, 512, 513, 1023, 1024, 1025, 9_216, 10_240]
+    samples = []
+    for i in range(60):
+        if i % 3 == 0:
+            sizes = [int(rng.choice(edge)) for _ in range(4)]
+        else:
+            sizes = [int(n) for n in rng.integers(0, 6_000 if i % 3 == 1 else 24_000, 4)]
+        key = f"s{i:02d}" + ("k" * (97 if i % 7 == 0 else 700 if i % 11 == 0 else 0))
+        samples.append(_raw_sample(key, sizes, rng))
+    with shards.ShardWriter(str(tmp_path), split="train", dataset="toy", num_frames=2,
+                            image_size=16, audio={}, max_shard_bytes=limit) as writer:
+        for s in samples:
+            writer.write(s)
+    index = shards.read_index(str(tmp_path))
+    assert index.total_samples == len(samples)
+    record, end_of_archive = tarfile.RECORDSIZE, 2 * tarfile.BLOCKSIZE
+
+    def closed(offset: int) -> int:
+        return -(-(offset + end_of_archive) // record) * record
+
+    spans = [_sample_spans(url) for url in index.shard_urls()]
+    assert [key for shard in spans for key, _, _ in shard] == [s["__key__"] for s in samples]
+    for i, (info, url) in enumerate(zip(index.shards, index.shard_urls())):
+        size = os.path.getsize(url)
+        assert size == info.bytes == closed(spans[i][-1][2]), info.url
+        assert size <= limit or info.samples == 1, (info.url, size, limit)
+        if i + 1 < len(spans):
+            _, start, end = spans[i + 1][0]
+            assert start == 0
+            assert closed(spans[i][-1][2] + end) > limit, f"{info.url} had room for one more"
+
+
 @pytest.mark.parametrize("content,message", [
     (None, "no shard index"),
     (b"{not json", "not valid JSON"),
