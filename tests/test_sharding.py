@@ -5,6 +5,7 @@ and on a moto S3 server (tests/conftest.py), webdataset reading them back.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -262,6 +263,44 @@ def test_no_shard_exceeds_max_bytes(tmp_path, limit):
             _, start, end = spans[i + 1][0]
             assert start == 0
             assert closed(spans[i][-1][2] + end) > limit, f"{info.url} had room for one more"
+
+
+def _tar_size(sample: dict) -> int:
+    """The bytes a sample's members take in a tar, measured here with tarfile itself."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, value in sample.items():
+            if not name.startswith("__"):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{name}")
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+        return tar.offset
+
+
+@pytest.mark.parametrize("key_len", [3, 120, 700])
+@pytest.mark.parametrize("over", [-1024, -512, 0, 512, 1024])
+def test_a_shard_is_filled_exactly_up_to_the_limit(tmp_path, key_len, over):
+    """Two samples that, with the end-of-archive blocks, take the limit plus `over` bytes:
+    they share a shard when that is at most the limit, and not when it is one block more."""
+    rng = np.random.default_rng(key_len)
+    limit = 4 * tarfile.RECORDSIZE
+    end_of_archive = 2 * tarfile.BLOCKSIZE
+    key = "k" * (key_len - 1)
+    first = _raw_sample("a" + key, [700, 5000, 300, 40], rng)
+    base = _raw_sample("b" + key, [0, 100, 30, 20], rng)
+    room = limit + over - end_of_archive - _tar_size(first) - _tar_size(base)
+    # frame00 of room - 300 bytes takes `room` bytes once padded to whole blocks
+    second = _raw_sample("b" + key, [room - 300, 100, 30, 20], rng)
+    assert room > 512 and _tar_size(second) == _tar_size(base) + room
+    with shards.ShardWriter(str(tmp_path), split="train", dataset="toy", num_frames=2,
+                            image_size=16, audio={}, max_shard_bytes=limit) as writer:
+        for s in (first, second, _raw_sample("c", [10, 10, 10, 10], rng)):
+            writer.write(s)
+    index = shards.read_index(str(tmp_path))
+    assert index.shards[0].samples == (2 if over <= 0 else 1)
+    alone = -(-(_tar_size(first) + end_of_archive) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    assert index.shards[0].bytes == (limit if over <= 0 else alone)
+    assert all(s.bytes <= limit for s in index.shards)
 
 
 @pytest.mark.parametrize("content,message", [
