@@ -663,10 +663,13 @@ class ShardWriter:
         killed run's temp files and, through its run record, the shards it had published.)
         """
         if self._tar is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
+            # Close the tar stream into the temp file that is removed below: left open, it
+            # would flush its buffer into the closed file when collected.
+            for close in (self._tar.close, self._file.close):
+                try:
+                    close()
+                except (OSError, ValueError):
+                    pass
             if self._tmp_path:
                 try:
                     os.remove(self._tmp_path)
