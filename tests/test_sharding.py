@@ -5,6 +5,7 @@ and on a moto S3 server (tests/conftest.py), webdataset reading them back.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -176,6 +177,130 @@ def test_writer_bounds_shards_and_reads_back(tmp_path):
     assert decoded[0]["frames"].dtype == torch.uint8
     assert decoded[0]["fbank"].shape == (2, 1, 8, 4) and decoded[0]["fbank"].dtype == torch.float32
     assert decoded[0]["meta"] == {"id": "s0"}
+
+
+def _raw_sample(key: str, sizes: list[int], rng: np.random.Generator) -> dict:
+    """A sample with members of the given byte sizes (frames..., fbank, json); the writer
+    does not decode members, so their content can be any bytes."""
+    *frames, fbank, meta = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    sample = {"__key__": key, shards.FBANK_MEMBER: fbank, shards.META_MEMBER: meta}
+    sample.update({f"frame{t:02d}.jpg": data for t, data in enumerate(frames)})
+    return sample
+
+
+def _sample_spans(path) -> list[tuple[str, int, int]]:
+    """(key, start, end) of every sample in a tar, in order: from its first header (extended
+    headers included) to the end of its last member's block-padded content."""
+    spans: dict[str, list[int]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            spans.setdefault(m.name.split(".", 1)[0], [m.offset, end])[1] = end
+    return [(key, start, end) for key, (start, end) in spans.items()]
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    """Two runs (two run ids, written seconds apart) give the same bytes for the same input:
+    fixed mtime, uid/gid, uname/gname and mode, members in the order the writer got them."""
+    rng = np.random.default_rng(3)
+    samples = [_sample(f"s{i}", rng) for i in range(7)] + [_sample("k" * 120, rng)]
+    runs = []
+    for run in ("a", "b"):
+        with shards.ShardWriter(str(tmp_path / run), split="train", dataset="toy", num_frames=2,
+                                image_size=16, audio={}, max_shard_bytes=20_000) as writer:
+            for s in samples:
+                writer.write(s)
+        runs.append(shards.read_index(str(tmp_path / run)))
+        time.sleep(1.1)  # a clock-derived mtime would differ between the runs
+    first, second = runs
+    assert first.run != second.run and len(first.shards) > 2
+    assert [(s.samples, s.bytes, s.sha256, s.keys_sha256) for s in first.shards] == \
+        [(s.samples, s.bytes, s.sha256, s.keys_sha256) for s in second.shards]
+    for a, b in zip(first.shard_urls(), second.shard_urls()):
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            assert fa.read() == fb.read()
+    with tarfile.open(first.shard_urls()[0]) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members][:4] == [f"s0.{n}" for n in ("frame00.jpg", "frame01.jpg",
+                                                                 "fbank.npy", "json")]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == \
+        {(0, 0, 0, "", "", 0o644)}
+
+
+@pytest.mark.parametrize("limit", [1, 10_240, 20_480, 30_000, 30_720, 51_200, 100_000])
+def test_no_shard_exceeds_max_bytes(tmp_path, limit):
+    """Members of many sizes (block boundaries among them) and long keys (extended headers of
+    one and of several blocks): every shard of more than one sample stays within the limit,
+    and a shard is closed only when the next sample would not have fit."""
+    rng = np.random.default_rng(limit)
+    edge = [0, 1, 511, 512, 513, 1023, 1024, 1025, 9_216, 10_240]
+    samples = []
+    for i in range(60):
+        if i % 3 == 0:
+            sizes = [int(rng.choice(edge)) for _ in range(4)]
+        else:
+            sizes = [int(n) for n in rng.integers(0, 6_000 if i % 3 == 1 else 24_000, 4)]
+        key = f"s{i:02d}" + ("k" * (97 if i % 7 == 0 else 700 if i % 11 == 0 else 0))
+        samples.append(_raw_sample(key, sizes, rng))
+    with shards.ShardWriter(str(tmp_path), split="train", dataset="toy", num_frames=2,
+                            image_size=16, audio={}, max_shard_bytes=limit) as writer:
+        for s in samples:
+            writer.write(s)
+    index = shards.read_index(str(tmp_path))
+    assert index.total_samples == len(samples)
+    record, end_of_archive = tarfile.RECORDSIZE, 2 * tarfile.BLOCKSIZE
+
+    def closed(offset: int) -> int:
+        return -(-(offset + end_of_archive) // record) * record
+
+    spans = [_sample_spans(url) for url in index.shard_urls()]
+    assert [key for shard in spans for key, _, _ in shard] == [s["__key__"] for s in samples]
+    for i, (info, url) in enumerate(zip(index.shards, index.shard_urls())):
+        size = os.path.getsize(url)
+        assert size == info.bytes == closed(spans[i][-1][2]), info.url
+        assert size <= limit or info.samples == 1, (info.url, size, limit)
+        if i + 1 < len(spans):
+            _, start, end = spans[i + 1][0]
+            assert start == 0
+            assert closed(spans[i][-1][2] + end) > limit, f"{info.url} had room for one more"
+
+
+def _tar_size(sample: dict) -> int:
+    """The bytes a sample's members take in a tar, measured here with tarfile itself."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, value in sample.items():
+            if not name.startswith("__"):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{name}")
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+        return tar.offset
+
+
+@pytest.mark.parametrize("key_len", [3, 120, 700])
+@pytest.mark.parametrize("over", [-1024, -512, 0, 512, 1024])
+def test_a_shard_is_filled_exactly_up_to_the_limit(tmp_path, key_len, over):
+    """Two samples that, with the end-of-archive blocks, take the limit plus `over` bytes:
+    they share a shard when that is at most the limit, and not when it is one block more."""
+    rng = np.random.default_rng(key_len)
+    limit = 4 * tarfile.RECORDSIZE
+    end_of_archive = 2 * tarfile.BLOCKSIZE
+    key = "k" * (key_len - 1)
+    first = _raw_sample("a" + key, [700, 5000, 300, 40], rng)
+    base = _raw_sample("b" + key, [0, 100, 30, 20], rng)
+    room = limit + over - end_of_archive - _tar_size(first) - _tar_size(base)
+    # frame00 of room - 300 bytes takes `room` bytes once padded to whole blocks
+    second = _raw_sample("b" + key, [room - 300, 100, 30, 20], rng)
+    assert room > 512 and _tar_size(second) == _tar_size(base) + room
+    with shards.ShardWriter(str(tmp_path), split="train", dataset="toy", num_frames=2,
+                            image_size=16, audio={}, max_shard_bytes=limit) as writer:
+        for s in (first, second, _raw_sample("c", [10, 10, 10, 10], rng)):
+            writer.write(s)
+    index = shards.read_index(str(tmp_path))
+    assert index.shards[0].samples == (2 if over <= 0 else 1)
+    alone = -(-(_tar_size(first) + end_of_archive) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    assert index.shards[0].bytes == (limit if over <= 0 else alone)
+    assert all(s.bytes <= limit for s in index.shards)
 
 
 @pytest.mark.parametrize("content,message", [

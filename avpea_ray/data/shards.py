@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from webdataset import TarWriter
 
 from avpea_ray.data import storage
 
@@ -52,10 +53,16 @@ _TEMP_SUFFIX = r"\.tmp-[a-z0-9_]{8}"
 # An index url's scheme ("s3:", "file:", "pipe:"): such a url leaves the index's root.
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
-# tar layout constants, to predict a shard's size before writing a sample into it.
-_BLOCK = tarfile.BLOCKSIZE            # 512
-_RECORD = tarfile.RECORDSIZE          # 10240: tarfile pads the archive to this on close
-_END_OF_ARCHIVE = 2 * _BLOCK
+# webdataset.TarWriter options: every member the writer passes is written as given (bytes, no
+# encoder; keep_meta so that a member named "_x" is not dropped, "__key__" never becomes a
+# member), with fixed header fields so that the same input gives the same bytes (uid and gid
+# are tarfile's default 0: TarWriter does not set them).
+_TAR_OPTIONS = {"encoder": False, "keep_meta": True, "mtime": 0, "user": "", "group": "",
+                "mode": 0o644}
+# What closing a TarWriter appends (tarfile's close): two zero blocks of end-of-archive,
+# then zeros up to a multiple of the record size.
+_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE   # 1024
+_RECORD = tarfile.RECORDSIZE              # 10240
 
 
 class ShardIndexError(ValueError):
@@ -374,8 +381,31 @@ def decode_sample(sample: dict) -> dict:
     }
 
 
-def _padded(n: int) -> int:
-    return -(-n // _BLOCK) * _BLOCK
+def _closed_size(offset: int) -> int:
+    """The file size of a tar that TarWriter has written `offset` bytes of, once closed."""
+    return -(-(offset + _END_OF_ARCHIVE) // _RECORD) * _RECORD
+
+
+class _NullSink:
+    """A write-only file that drops what it is given: where `_tar_bytes` lets TarWriter write."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+def _write_members(tar: TarWriter, key: str, members: list[tuple[str, bytes]]) -> None:
+    # One member per call: TarWriter.write sorts a sample's members by name, and the shard
+    # keeps the order given (frames, fbank, json).
+    for name, value in members:
+        tar.write({"__key__": key, name: value})
+
+
+def _tar_bytes(key: str, members: list[tuple[str, bytes]]) -> int:
+    """The bytes TarWriter writes for these members (headers, extended headers for long
+    names, content padded to whole blocks), measured by writing them to a sink."""
+    probe = TarWriter(_NullSink(), **_TAR_OPTIONS)
+    _write_members(probe, key, members)
+    return probe.tarstream.offset
 
 
 class _HashingFile:
@@ -452,7 +482,7 @@ class ShardWriter:
         if self._local:
             os.makedirs(storage.local_path(self.out_url), exist_ok=True)
         storage.atomic_write_bytes(self._record_url(self.run), b"")
-        self._tar: tarfile.TarFile | None = None
+        self._tar: TarWriter | None = None
         self._file = None
         self._hash: _HashingFile | None = None
         self._tmp_path = ""
@@ -472,13 +502,19 @@ class ShardWriter:
             self._tmp_path = os.path.join(self._staging, name)
         self._file = open(self._tmp_path, "wb")
         self._hash = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.PAX_FORMAT)
+        self._tar = TarWriter(self._hash, **_TAR_OPTIONS)
         self._shard_keys = []
 
     def _finish_shard(self) -> None:
         """Close the open shard and publish it under its final name."""
         assert self._tar is not None and self._hash is not None and self._file is not None
+        expected = _closed_size(self._tar.tarstream.offset)
         self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
+        if self._hash.offset != expected:
+            # The size bound rests on this prediction: fail rather than publish a shard that
+            # may be larger than max_shard_bytes.
+            raise RuntimeError(f"shard {self._tmp_path}: TarWriter wrote {self._hash.offset} "
+                               f"bytes, the size prediction says {expected}")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -520,21 +556,15 @@ class ShardWriter:
         members = [(name, value) for name, value in sample.items() if not name.startswith("__")]
         # Members in a fixed order: frames, fbank, json (readers group them by key anyway).
         members.sort(key=lambda kv: (kv[0] == META_MEMBER, kv[0] == FBANK_MEMBER, kv[0]))
-        # Header + padded data per member; names over 100 bytes add a PAX header (2 blocks).
-        added = sum(_BLOCK + _padded(len(value)) + (2 * _BLOCK if len(key) + len(name) >= 100
-                                                    else 0) for name, value in members)
         if self._tar is not None and self._shard_keys:
-            predicted = -(-(self._hash.offset + added + _END_OF_ARCHIVE) // _RECORD) * _RECORD
-            if predicted > self.max_shard_bytes:
+            # tarstream.offset counts what the tar holds so far; the file lags behind it by
+            # what the tar stream still buffers.
+            added = _tar_bytes(key, members)
+            if _closed_size(self._tar.tarstream.offset + added) > self.max_shard_bytes:
                 self._finish_shard()
         if self._tar is None:
             self._open_shard()
-        for name, value in members:
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size = len(value)
-            info.mtime = 0  # reproducible shards: same input, same sha256
-            info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(value))
+        _write_members(self._tar, key, members)
         self._shard_keys.append(key)
         self._keys.add(key)
 
@@ -633,10 +663,13 @@ class ShardWriter:
         killed run's temp files and, through its run record, the shards it had published.)
         """
         if self._tar is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
+            # Close the tar stream into the temp file that is removed below: left open, it
+            # would flush its buffer into the closed file when collected.
+            for close in (self._tar.close, self._file.close):
+                try:
+                    close()
+                except (OSError, ValueError):
+                    pass
             if self._tmp_path:
                 try:
                     os.remove(self._tmp_path)
