@@ -48,7 +48,7 @@ def test_bad_value_is_refused_before_any_worker(avqa_shards, tmp_path, extra, me
 @pytest.mark.slow
 def test_job_exits_2_with_one_line_and_starts_no_ray(avqa_shards, tmp_path):
     # The jobs start side by side: each spends its seconds importing torch and Ray.
-    cases = BAD_VALUES[::3]
+    cases = [*BAD_VALUES[::3], (["model.reduction_factor=5"], "error: model.reduction_factor")]
     jobs = []
     for number, (extra, _) in enumerate(cases):
         storage = tmp_path / str(number)
@@ -62,6 +62,7 @@ def test_job_exits_2_with_one_line_and_starts_no_ray(avqa_shards, tmp_path):
     for (_, message), (storage, stdout, stderr, code) in zip(cases, results):
         assert code == 2, (message, stderr[-2000:])
         assert stderr.strip().count("\n") == 0 and message in stderr, (message, stderr)
+        assert "Traceback" not in stderr, message
         assert "Ray:" not in stdout and not (storage / "mlflow.db").exists(), message
 
 
