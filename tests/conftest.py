@@ -87,10 +87,13 @@ def avqa_shards(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local(s3):
-    """A local Ray for one test module. Started after the S3 server, so its workers inherit
-    the endpoint and credentials, as they would from a cluster node's environment."""
+    """One local Ray for the whole session (starting one takes seconds on a busy machine; the
+    jobs find it initialised and join it, as under `ray job submit`). Started after the S3
+    server, so its workers inherit the endpoint and credentials, as they would from a cluster
+    node's environment. A test that holds resources releases them (tests/test_sweep.py checks
+    every CPU is free again after its runs)."""
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield

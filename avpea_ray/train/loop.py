@@ -30,6 +30,7 @@ from ..data.reader import ShardStream
 from ..data.shards import read_index
 from ..model.task_model import AVPEAModel
 from ..tasks import build_model, make_task, register
+from ..tasks.distributed import gather_objects, is_distributed
 from .checkpoint import Progress, latest_intact, read_checkpoint, scratch_dir, upload_files, write_checkpoint
 from .config import TrainConfig
 from .tracking import MetricLogger
@@ -227,11 +228,13 @@ class _DamageCounts:
             self.shards.setdefault(split, set()).update(stats["corrupt_shards"])
 
     def reduced(self, split: str, device) -> dict[str, float]:
-        counts = torch.tensor([self.lost.get(split, 0), len(self.shards.get(split, ()))],
-                              dtype=torch.float64, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
-        return {"samples_lost": counts[0].item(), "damaged_shards": counts[1].item()}
+        # Samples are each read by one rank: their counts add up. A damaged shard may be met by
+        # every rank that reads part of it: count the distinct ones.
+        lost = torch.tensor([self.lost.get(split, 0)], dtype=torch.float64, device=device)
+        if is_distributed():
+            torch.distributed.all_reduce(lost)
+        shards = set().union(*gather_objects(self.shards.get(split, set())))
+        return {"samples_lost": lost.item(), "damaged_shards": float(len(shards))}
 
     def totals(self, device) -> dict[str, float]:
         """Training's counts (as train_* metrics) for the final report."""
