@@ -292,6 +292,7 @@ def both_scores() -> tuple[dict[str, float], dict[str, float]]:
     return ours, theirs
 
 
+@pytest.mark.slow  # two JVMs: the toolkit's own tokenizer and METEOR
 @needs_toolkit
 @pytest.mark.parametrize("metric", ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"])
 def test_caption_scores_equal_toolkit(metric, both_scores):

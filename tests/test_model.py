@@ -15,6 +15,7 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 from safetensors.torch import save_file
 
+from avpea_ray.__main__ import main as params_main
 from avpea_ray.config import ConfigError, from_dict, load_config
 from avpea_ray.model import (AVPEA, DualStreamViT, ModelConfig, WeightsError, create_backbone,
                              load_adapters, save_adapters)
@@ -207,10 +208,9 @@ def test_table4_switch_counts(adapters, cross_attention, gating, per_adapter, nu
 
 @pytest.mark.parametrize("backbone,adapter_count", [("vit_base_patch16_224", "3,654,192"),
                                                     ("vit_large_patch16_224", "12,890,208")])
-def test_params_command(backbone, adapter_count):
-    out = subprocess.run([sys.executable, "-m", "avpea_ray", "params", "--backbone", backbone,
-                          "--reduction-factor", "8", "--task", "avqa"],
-                         capture_output=True, text=True, check=True).stdout
+def test_params_command(backbone, adapter_count, capsys):
+    assert params_main(["params", "--backbone", backbone, "--reduction-factor", "8", "--task", "avqa"]) == 0
+    out = capsys.readouterr().out
     adapter_line = next(line for line in out.splitlines() if line.startswith("adapter"))
     assert adapter_count in adapter_line
     peft = re.search(r"^trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)$",
@@ -219,11 +219,15 @@ def test_params_command(backbone, adapter_count):
     assert float(peft.group(3)) == pytest.approx(100 * trainable / total, abs=1e-4)
 
 
-def test_params_command_refuses_bad_factor():
-    result = subprocess.run([sys.executable, "-m", "avpea_ray", "params", "--reduction-factor", "7"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "reduction_factor=7" in result.stderr
-    assert "Traceback" not in result.stderr
+@pytest.mark.parametrize("task", ["avqa", "avel", "avr", "avc"])
+def test_params_command_for_every_task(task, capsys):
+    assert params_main(["params", "--task", task, "head.hidden=64"] if task != "avr" else ["params", "--task", task]) == 0
+    assert f"head params ({task})" in capsys.readouterr().out
+
+
+def test_params_command_refuses_bad_factor(capsys):
+    assert params_main(["params", "--reduction-factor", "7"]) == 2
+    assert "reduction_factor=7" in capsys.readouterr().err
 
 
 # -- adapter files ----------------------------------------------------------------------
@@ -317,6 +321,7 @@ def test_bad_weights_files_are_named(tmp_path, weights, message):
         create_backbone(TINY_VIT, weights=str(tmp_path / weights), **TINY_KWARGS)
 
 
+@pytest.mark.slow  # a fresh interpreter importing timm
 def test_pretrained_offline_without_cache_fails_fast(tmp_path):
     code = ("from avpea_ray.model import create_backbone\n"
             "create_backbone('vit_base_patch16_224.augreg_in21k', weights='timm')")

@@ -190,6 +190,7 @@ def test_asha_rungs_survive_a_restored_sweep(tmp_path):
 
 # -- the whole sweep on local Ray ---------------------------------------------------------------
 
+@pytest.mark.slow  # starts Ray
 def test_stopped_trials_release_their_workers_resources(ray_local):
     """ASHA kills a stopped trial's driver and its Train controller; the placement group of its
     workers would hold their CPUs until the job ends (Train's own cleaner needs the state API,

@@ -56,6 +56,7 @@ def test_text_model_from_a_local_directory(tmp_path, vocab_file):
     assert len(load_tokenizer(str(tmp_path / "bert"))) == len(WORDS) + 5
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers
 def test_hub_text_model_offline_without_cache_fails_fast(tmp_path):
     code = ("from avpea_ray.heads.text import build_text_encoder\n"
             "build_text_encoder('bert-base-uncased', 0)")
@@ -252,6 +253,7 @@ def _gather_worker(rank: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo ranks
 def test_gather_with_local_grad_across_two_ranks():
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
@@ -308,6 +310,7 @@ def _retrieval_worker(rank: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo ranks
 def test_retrieval_over_a_test_set_split_across_two_ranks_equals_one_process():
     expected = _evaluate_retrieval([VIDEOS[:4], VIDEOS[4:]])
     assert expected["num_videos"] == 10 and expected["num_captions"] == 20

@@ -29,7 +29,7 @@ class AVRHead(nn.Module):
         dim: the trunk's width.
         vocab_size: the tokenizer's size.
         embed_dim: width of the shared embedding space.
-        text_model: "random", a local directory or a Hugging Face name (see `model.text`).
+        text_model: "random", a local directory or a Hugging Face name (see `heads.text`).
         text_config: sizes of the "random" text model.
         freeze_text: keep the text encoder's weights fixed (only its projection trains).
         init_temperature: the softmax temperature the learnable scale starts at (CLIP: 0.07).
