@@ -1,6 +1,7 @@
 """Audio-visual captioning (VALOR-32K style): a caption decoder, COCO caption metrics."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,12 @@ class AVCTask(CaptionedClipsTask):
         return {"vocab_size": len(tok), "bos_id": tok.cls_token_id if tok.cls_token_id is not None
                 else tok.bos_token_id, "eos_id": tok.sep_token_id if tok.sep_token_id is not None
                 else tok.eos_token_id, "pad_id": tok.pad_token_id, "max_length": self.max_tokens}
+
+    def check(self, model) -> None:
+        super().check(model)
+        if self.cfg.evaluation.meteor != "never" and shutil.which("java") is None:
+            raise ConfigError("evaluation.meteor: METEOR runs the COCO caption toolkit's Java jar and "
+                              "there is no `java` on PATH: install a JRE or set evaluation.meteor=never")
 
     def make_batch(self, raw: dict, device: torch.device, training: bool = True) -> Batch:
         texts, owners = self.pick_captions(raw, self.cfg.data.captions_per_clip if training else None)

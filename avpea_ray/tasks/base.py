@@ -11,8 +11,8 @@ A task is one module under `avpea_ray/tasks/` with one class (and one line in th
     demo_config     the file under configs/ its job runs without --config (None: no demo)
     reference_head_args  the data-derived head arguments of the real dataset (parameter reports)
 
-and implements `from_config` (what it needs from the train split's index), `head_args`,
-`make_batch`, `loss`, `evaluator`, and optionally `summary` and `baseline_line`.
+and implements `from_config` (what it needs from the train split's index), `data_head_args`,
+`make_batch`, `loss`, `evaluator`, and optionally `check`, `summary` and `baseline_line`.
 """
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ class Task:
     def head_args(self) -> dict[str, Any]:
         """Everything the head is built with besides the trunk width."""
         return self.data_head_args() | asdict(self.cfg.head)
+
+    def check(self, model: nn.Module) -> None:
+        """Checks of this task's settings against the built model (on the meta device) and the
+        machine, before any worker starts; raise ConfigError naming the field."""
 
     def make_batch(self, raw: dict, device: torch.device, training: bool = True) -> Batch:
         raise NotImplementedError

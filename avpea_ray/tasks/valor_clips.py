@@ -6,6 +6,7 @@ import random
 
 import torch
 
+from ..config import ConfigError
 from ..data import storage
 from ..heads.text import TextModelError, load_tokenizer
 from .base import Batch, Task, to_device
@@ -36,6 +37,14 @@ class CaptionedClipsTask(Task):
         if cfg.head.text_model == "random":
             words = read_vocab_words(cfg.data.vocab or storage.join(index.root, index.extra.get("vocab", "vocab.txt")))
         return cls(cfg, load_tokenizer(cfg.head.text_model, words))
+
+    def check(self, model) -> None:
+        positions = getattr(getattr(model.head, "text_encoder", None), "config", None)
+        positions = getattr(positions, "max_position_embeddings", None)
+        if positions is not None and self.max_tokens > positions:
+            raise ConfigError(f"data.max_caption_tokens={self.max_tokens} but the text model has only "
+                              f"{positions} positions (head.text_config.max_position_embeddings for a "
+                              f"random one): lower data.max_caption_tokens")
 
     def tokenize(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> `(C, L)` ids ([CLS] words [SEP], right-padded) and attention mask."""

@@ -6,7 +6,6 @@ model on the meta device, and checks storage and tracking; every user error is a
 """
 from __future__ import annotations
 
-import shutil
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,17 +57,9 @@ def preflight(cfg: TrainConfig) -> Preflight:
     check_data(cfg, indexes)
     task = make_task(cfg, indexes["train"])
     head_args = task.head_args()
-    if cfg.task == "avc" and cfg.evaluation.meteor != "never" and shutil.which("java") is None:
-        raise ConfigError("evaluation.meteor: METEOR runs the COCO caption toolkit's Java jar and "
-                          "there is no `java` on PATH: install a JRE or set evaluation.meteor=never")
     model = build_model(cfg.model, cfg.task, head_args, meta=True)
+    task.check(model)
     counts = count_parameters(model)
-    text_positions = getattr(getattr(getattr(model.head, "text_encoder", None), "config", None),
-                             "max_position_embeddings", None)
-    if text_positions is not None and cfg.data.max_caption_tokens > text_positions:
-        raise ConfigError(f"data.max_caption_tokens={cfg.data.max_caption_tokens} but the text model "
-                          f"has only {text_positions} positions (head.text_config.max_position_embeddings "
-                          f"for a random one): lower data.max_caption_tokens")
     check_storage(cfg.run.storage_path)
     uri = resolve_tracking_uri(cfg.run.tracking_uri, cfg.run.storage_path)
     try:
