@@ -164,7 +164,7 @@ def test_mlflow_server_and_driver_restart_continue_one_run(avqa_shards, tmp_path
 @pytest.mark.parametrize("extra,message", [
     ({"model.reduction_factr": 8}, "unknown config key model.reduction_factr"),
     ({"optim.lr": "fast"}, "optim.lr must be a finite number"),
-    ({"model.reduction_factor": 7}, "model.reduction_factor: reduction_factor=7 does not divide"),
+    ({"model.reduction_factor": 7}, "model.reduction_factor=7 does not divide"),
     ({"run.storage_path": "/dev/null/runs"}, "run.storage_path '/dev/null/runs' is not writable"),
     ({"run.tracking_uri": "http://127.0.0.1:9"}, "run.tracking_uri: MLflow tracking server"),
     ({"data.val": "/nonexistent/val"}, "data.val"),

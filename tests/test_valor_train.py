@@ -85,13 +85,12 @@ def test_captioning_beats_captions_of_other_clips(valor_shards, tmp_path, ray_lo
     ({"head.text_model": "/nonexistent/bert"}, "head.text_model"),
     ({"data.vocab": "/nonexistent/vocab.txt"}, "vocab.txt"),
     ({"head.text_config": {"hidden_size": 30, "num_attention_heads": 4}}, "head.text_config"),
-    ({"head.no_such_option": 1}, "head:"),
+    ({"head.no_such_option": 1}, "unknown config key head.no_such_option"),
     ({"data.max_caption_tokens": 40}, "data.max_caption_tokens=40 but the text model has only 32 positions"),
 ])
 def test_bad_text_model_input_is_refused_before_workers_start(valor_shards, tmp_path, extra, message):
-    cfg = _config(valor_shards, tmp_path, "avr", **extra)
-    with pytest.raises(ConfigError, match=message):
-        preflight(cfg)
+    with pytest.raises(ConfigError, match=message):  # a head typo already when the config resolves
+        preflight(_config(valor_shards, tmp_path, "avr", **extra))
 
 
 def test_task_and_shards_must_match(valor_shards, avqa_shards, tmp_path):

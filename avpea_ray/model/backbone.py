@@ -55,16 +55,6 @@ def create_backbone(name: str, weights: str = "random", **kwargs) -> nn.Module:
     return model
 
 
-def backbone_width(name: str, **kwargs) -> int:
-    """The token width D of timm model `name` (built on the meta device: no memory, no weights)."""
-    import torch
-
-    if not timm.list_models(name.split(".")[0]):
-        raise WeightsError(f"unknown timm model {name!r} (see timm.list_models('vit_*'))")
-    with torch.device("meta"):
-        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).embed_dim
-
-
 def load_weights_file(model: nn.Module, path: str) -> None:
     """Load a local state dict into `model` (classifier weights are ignored).
 

@@ -8,6 +8,7 @@ that one definition.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,15 +23,17 @@ class AVPEAModel(nn.Module):
 
     Args:
         config: the trunk's settings (backbone, weights, adapters).
-        head: the task head, `head(visual, audio, **inputs) -> dict`, built for `trunk_width(config)`.
+        head: the task head, `head(visual, audio, **inputs) -> dict`, or a function of the trunk's
+            width D that builds it (called after the trunk is built, so the head's random
+            initialisation follows the trunk's).
         head_spec: how to build the head again (`{"task": name, "args": {...}}`), saved beside
             the adapters so a saved model can be rebuilt; the model does not interpret it.
         backbone: an already built timm ViT to use instead of building one from `config`
             (it must be the one `config` names).
     """
 
-    def __init__(self, config: ModelConfig, head: nn.Module, head_spec: dict[str, Any] | None = None,
-                 backbone: nn.Module | None = None):
+    def __init__(self, config: ModelConfig, head: nn.Module | Callable[[int], nn.Module],
+                 head_spec: dict[str, Any] | None = None, backbone: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.head_spec = dict(head_spec or {})
@@ -39,7 +42,7 @@ class AVPEAModel(nn.Module):
             config.reduction_factor, adapters=config.adapters,
             cross_attention=config.cross_attention, gating=config.gating,
             weights=config.weights, **config.backbone_kwargs)
-        self.head = head
+        self.head = head if isinstance(head, nn.Module) else head(self.trunk.dim)
 
     @property
     def task(self) -> str | None:

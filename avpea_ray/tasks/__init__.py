@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,6 @@ from torch import nn
 
 from ..config import ConfigError
 from ..model.adapter_io import load_adapters, read_adapter_config, saved_model_config
-from ..model.backbone import backbone_width
 from ..model.config import ModelConfig
 from ..model.task_model import AVPEAModel
 from .avc import AVCTask
@@ -56,8 +56,7 @@ def build_model(config: ModelConfig, task: str, head_args: dict[str, Any],
         config = ModelConfig(**{**config.__dict__, "weights": "random"})
         with torch.device("meta"):
             return build_model(config, task, head_args, backbone)
-    width = backbone.embed_dim if backbone is not None else backbone_width(config.backbone, **config.backbone_kwargs)
-    return AVPEAModel(config, head_class(width, **head_args), head_spec=spec, backbone=backbone)
+    return AVPEAModel(config, functools.partial(head_class, **head_args), head_spec=spec, backbone=backbone)
 
 
 def load_model(directory: str | Path, weights: str | None = None) -> AVPEAModel:
