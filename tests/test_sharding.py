@@ -621,6 +621,7 @@ def test_ave_missing_media_and_flags(tmp_path, capsys):
 
 # -- crash safety ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a sharder subprocess killed mid-run
 def test_sigkill_keeps_previous_index_and_rerun_replaces(tmp_path):
     records = [media.avqa_record(f"{i:08d}", i, "one") for i in range(40)]
     layout = media.make_avqa(str(tmp_path / "data"), {"train": records}, frames_per_video=3,
