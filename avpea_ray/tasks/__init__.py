@@ -50,13 +50,12 @@ def build_model(config: ModelConfig, task: str, head_args: dict[str, Any],
         backbone: an already built timm ViT (tests' tiny ones) instead of `config`'s.
         meta: shapes only, on the meta device: no memory, no weights, no download.
     """
-    head_class = get_task(task).head_class
-    spec = {"task": task, "args": dict(head_args)}
     if meta:
         config = ModelConfig(**{**config.__dict__, "weights": "random"})
         with torch.device("meta"):
             return build_model(config, task, head_args, backbone)
-    return AVPEAModel(config, functools.partial(head_class, **head_args), head_spec=spec, backbone=backbone)
+    head = functools.partial(get_task(task).head_class, **head_args)  # built after the trunk
+    return AVPEAModel(config, head, head_spec={"task": task, "args": dict(head_args)}, backbone=backbone)
 
 
 def load_model(directory: str | Path, weights: str | None = None) -> AVPEAModel:
