@@ -120,6 +120,18 @@ def test_resume_allows_more_epochs_and_refuses_resharded_data(resolved):
         check_resume(_saved(resolved(), IDS), resolved(), IDS | {"train": "c" * 64})
 
 
+def test_resume_of_a_run_saved_by_an_earlier_version(resolved):
+    """Fields that no longer exist (the clips' settings, now in the shard index) and fields added
+    since at their defaults (the typed head config's) are not changes; a new field set to
+    another value is."""
+    earlier = resolved()
+    earlier["model"] |= {"image_size": 32, "num_frames": 4, "audio": {"window_seconds": 1.95}}
+    earlier["head"] = {"hidden": 64}
+    assert check_resume(_saved(earlier, IDS), resolved(), IDS) == {}
+    with pytest.raises(ConfigError, match="head.num_heads: None -> 8"):
+        check_resume(_saved(earlier, IDS), resolved("head.num_heads=8"), IDS)
+
+
 def test_run_folder_keeps_the_first_config_and_records_allowed_changes(resolved, tmp_path):
     run_url = str(tmp_path / "runs" / "r")
     assert not claim_run_folder(run_url, resolved(), IDS).resumed

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, from_dict, to_dict
 from ..data import storage
+from .config import TrainConfig
 from .tracking import flatten
 
 RUN_STATE = "avpea_run.json"
@@ -57,10 +58,17 @@ class RunFolder:
 
 
 def config_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """Dotted field -> (saved, new) for every leaf that differs."""
+    """Dotted field -> (saved, new) for every leaf that differs.
+
+    A run saved by an earlier version may hold fields that no longer exist (skipped: they mean
+    nothing now) and lack fields added since (skipped when the new value is that field's
+    default, which is what the earlier version used).
+    """
     old_flat, new_flat = flatten(saved), flatten(new)
+    defaults = flatten(to_dict(from_dict(TrainConfig, {"task": new["task"]})))
     return {k: (old_flat.get(k), new_flat.get(k)) for k in sorted(set(old_flat) | set(new_flat))
-            if old_flat.get(k) != new_flat.get(k)}
+            if old_flat.get(k) != new_flat.get(k) and k in new_flat
+            and not (k not in old_flat and new_flat[k] == defaults.get(k))}
 
 
 def check_resume(saved: dict, config: dict, data_ids: dict[str, str]) -> dict[str, tuple[Any, Any]]:
