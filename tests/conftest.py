@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,17 +88,87 @@ def avqa_shards(tmp_path_factory) -> dict[str, str]:
     return out
 
 
+@dataclass
+class RayCluster:
+    """Handle on the session's Ray cluster.
+
+    Args:
+        address: the GCS address ("127.0.0.1:PORT"); also RAY_ADDRESS for this process, for
+            any subprocess started from the tests, and for every Ray worker.
+        dashboard: "http://127.0.0.1:PORT", where `ray job submit --address` goes.
+        tmpdir: TMPDIR of every process of the cluster (what the jobs leave behind shows).
+    """
+
+    address: str
+    dashboard: str
+    tmpdir: Path
+
+
 @pytest.fixture(scope="session")
-def ray_local(s3):
-    """One local Ray for the whole session (starting one takes seconds on a busy machine; the
-    jobs find it initialised and join it, as under `ray job submit`). Started after the S3
-    server, so its workers inherit the endpoint and credentials, as they would from a cluster
-    node's environment. A test that holds resources releases them (tests/test_sweep.py checks
-    every CPU is free again after its runs)."""
+def ray_local(s3, tmp_path_factory):
+    """One Ray cluster for the whole session, started as users start one (`ray start --head`),
+    after the S3 server so that its workers inherit the endpoint and credentials, as they would
+    from a cluster node's environment. The jobs find Ray initialised (or RAY_ADDRESS set) and
+    join it, as under `ray job submit`.
+
+    With its dashboard and RAY_ADDRESS in every worker's environment, Ray's state API works
+    inside the cluster: Ray Train's placement-group cleaner asks it whether the controller
+    lives, and without it each run's shutdown waits out a 12 s timeout. Every port is a free
+    one and the session files live under the test's temporary directory, so another Ray on
+    the machine is neither joined nor disturbed. A test that holds resources releases them
+    (tests/test_sweep.py checks every CPU is free again after its runs)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
     import ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+
+    from tests.toy import free_port
+
+    port, dashboard = free_port(), free_port()
+    tmpdir = tmp_path_factory.mktemp("ray-tmpdir")
+    address = f"127.0.0.1:{port}"
+    # No node here is a spot instance: Ray Train's preemption watcher (one more actor
+    # process per run, polling for notices that never come) stays off.
+    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ports = [f"--{flag}={free_port()}" for flag in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    # --block keeps the head in its own process group: the fixture stops exactly this cluster
+    # (`ray stop` would end every Ray process on the machine).
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         "--include-dashboard=true", *ports, "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # as from an activated virtual environment: `python` in a submitted job is this one
+        env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmpdir)})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                ray.init(address=address, log_to_driver=False)
+                break
+            except (ConnectionError, RuntimeError):
+                assert time.monotonic() < deadline, "Ray head not up in 120 s"
+                time.sleep(1)
+        yield RayCluster(address, f"http://127.0.0.1:{dashboard}", tmpdir)
+    finally:
+        ray.shutdown()
+        # Nothing in it is kept: its processes (all in the head's process group) are killed
+        # outright; a SIGTERM'd head spends half a minute stopping them one by one.
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Resume after a real kill of the driver: its process group SIGKILLed mid-epoch, the newest
 checkpoint left damaged, and the same command run again. The audit compares the sample ledger
 (every attempt's lines, never overwritten) with the reader's plan of an uninterrupted run, so a
-restart from scratch, a lost batch or a repeated one all fail. (Worker kills, also during a
-checkpoint upload: tests/test_train.py.)"""
+restart from scratch, a lost batch or a repeated one all fail. Both drivers track into a real
+`mlflow server` (a token in its URI), which must hold one run continued across the kill.
+(Worker kills, also during a checkpoint upload: tests/test_train.py.)"""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.ledger import attempts, effective_batches, planned_batches
-from tests.toy import train_overrides
+from tests.toy import mlflow_server, train_overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +51,22 @@ SETTINGS = {"optim.epochs": 2, "data.batch_size": 8, "data.test": "", "run.sampl
             "run.checkpoint_every_steps": 3, "run.log_every_steps": 1}
 
 
-def test_driver_sigkill_mid_epoch_then_same_command_resumes_exactly(avqa_shards, tmp_path):
+def test_driver_sigkill_mid_epoch_then_same_command_resumes_exactly(avqa_shards, tmp_path, monkeypatch):
+    with mlflow_server(tmp_path) as url:
+        _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url)
+
+
+def _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url: str) -> None:
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "jobs/avqa.py", *train_overrides(avqa_shards, tmp_path, **SETTINGS),
-               "--run-name", "killed", "--summary-json", str(tmp_path / "summary.json")]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    overrides = train_overrides(avqa_shards, tmp_path, **SETTINGS)
+    command = [sys.executable, "jobs/avqa.py", *overrides, "--run-name", "killed",
+               "--summary-json", str(tmp_path / "summary.json")]
+    # Its own local Ray (the embedded default: a laptop's job killed with everything it
+    # started), and a token in the tracking URI, as users put it there.
+    token_uri = url.replace("http://", "http://avpea:tok3n@")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MLFLOW_TRACKING_URI": token_uri}
     log = open(tmp_path / "first.log", "w")
     # The worker stops at step 8 (once) so that the kill lands there, not wherever a fast
     # machine happens to be.
@@ -84,7 +94,9 @@ def test_driver_sigkill_mid_epoch_then_same_command_resumes_exactly(avqa_shards,
     state = run_dir / newest[1] / "train_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
 
-    rerun = subprocess.run([*command, "run.pause_at_step=8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    # The same command (an evaluation batch size may change: it changes no checkpoint).
+    rerun = subprocess.run([*command, "run.pause_at_step=8", "data.eval_batch_size=16"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
 
     runs = attempts(run_dir)[0]
@@ -101,12 +113,23 @@ def test_driver_sigkill_mid_epoch_then_same_command_resumes_exactly(avqa_shards,
         assert len(ids) == len(set(ids))
 
     summary = json.loads((tmp_path / "summary.json").read_text())
-    client = MlflowClient(summary["mlflow_tracking_uri"])
+    assert summary["mlflow_tracking_uri"] == url.replace("http://", "http://***@")
+    client = MlflowClient(url)
     experiment = client.get_experiment_by_name("avpea-ray")
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FINISHED"
+    (run,) = client.search_runs([experiment.experiment_id])  # one run, continued by the second driver
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["mlflow_run_id"]
+    assert "tok3n" not in json.dumps(run.data.params) + json.dumps(summary)
+    assert run.data.tags["avpea.changed.data.eval_batch_size"] == "8 -> 16"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.json", "adapters"}
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == sorted(set(steps)) == list(range(1, max(steps) + 1))  # each step once
     assert len(client.get_metric_history(run.info.run_id, "val_overall")) == 2
     folders = {p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")}
     assert folders == _registered(run_dir)  # nothing left behind that Ray does not know
+
+    # A changed model is refused before anything starts: exit 2, the finished run untouched.
+    from avpea_ray.cli import run_job
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", token_uri)
+    assert run_job("avqa", "", [*overrides, "--run-name", "killed", "model.reduction_factor=16"]) == 2
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"

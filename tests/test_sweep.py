@@ -193,8 +193,8 @@ def test_asha_rungs_survive_a_restored_sweep(tmp_path):
 @pytest.mark.slow  # starts Ray
 def test_stopped_trials_release_their_workers_resources(ray_local):
     """ASHA kills a stopped trial's driver and its Train controller; the placement group of its
-    workers would hold their CPUs until the job ends (Train's own cleaner needs the state API,
-    which a local Ray without dashboard lacks)."""
+    workers would hold their CPUs until the job ends wherever Train's own cleaner cannot reach
+    the state API (no dashboard, a stale /tmp/ray/ray_current_cluster)."""
     import ray
     from ray.tune.callback import CallbackList
     from ray.util.placement_group import placement_group, remove_placement_group

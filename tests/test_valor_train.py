@@ -1,7 +1,8 @@
 """Retrieval (AVR) and captioning (AVC) end to end on local Ray: synthetic VALOR-style shards ->
 the jobs' command lines -> Ray Train (2 DDP workers for retrieval) -> MLflow, each beating its
-trivial baseline; a resume; both as sweep trials; bad text-model input refused before any
-worker starts."""
+trivial baseline and selecting on its primary metric (what a sweep trial reports as val_score:
+the loop computes it the same way for every task, and tests/test_sweep.py runs trials end to
+end); a resume; bad text-model input refused before any worker starts."""
 from __future__ import annotations
 
 import json
@@ -40,6 +41,15 @@ def _run_job(task: str, argv: list[str], summary_json: Path) -> dict:
     return json.loads(summary_json.read_text())
 
 
+def _assert_selected_on_primary_metric(client, summary: dict) -> None:
+    """val_score (what checkpoints and sweeps select on) is the best epoch's primary metric."""
+    from avpea_ray.tasks import TASKS
+
+    primary = TASKS[summary["task"]].primary_metric.replace("@", "_")
+    history = client.get_metric_history(summary["mlflow_run_id"], f"val_{primary}")
+    assert summary["best_val_score"] == pytest.approx(max(m.value for m in history))
+
+
 def test_two_worker_retrieval_beats_chance_and_tracks(valor_shards, tmp_path, ray_local, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -59,6 +69,7 @@ def test_two_worker_retrieval_beats_chance_and_tracks(valor_shards, tmp_path, ra
     # MLflow metric names cannot hold "@": R@k is logged as R_k.
     for metric in ("train_loss", "val_t2v_R_1", "val_t2v_Rsum", "test_t2v_R_10", "test_v2t_MedR", "final_t2v_R_5"):
         assert metric in run.data.metrics, metric
+    _assert_selected_on_primary_metric(client, summary)
     best = Path(summary["checkpoint"])
     assert (best / "adapter_model.safetensors").exists() and (best / "tokenizer" / "tokenizer.json").exists()
 
@@ -73,6 +84,8 @@ def test_captioning_beats_captions_of_other_clips(valor_shards, tmp_path, ray_lo
         assert name in metrics, name  # METEOR (Java) on the test split
     assert metrics["CIDEr"] > metrics["baseline_CIDEr"] + 10, metrics
     assert metrics["BLEU-4"] > metrics["baseline_BLEU-4"], metrics
+    from mlflow.tracking import MlflowClient
+    _assert_selected_on_primary_metric(MlflowClient(summary["mlflow_tracking_uri"]), summary)
 
     # The same run again resumes from its last checkpoint: nothing left to train, the same
     # MLflow run, and the restored best adapters decode the same captions.
@@ -97,31 +110,3 @@ def test_task_and_shards_must_match(valor_shards, avqa_shards, tmp_path):
     cfg = _config(avqa_shards, tmp_path, "avr")
     with pytest.raises(ConfigError, match="shards hold dataset 'musicavqa', not what task 'avr' trains on"):
         preflight(cfg)
-
-
-@pytest.mark.parametrize("task", ["avr", "avc"])
-def test_retrieval_and_captioning_run_as_sweep_trials(valor_shards, tmp_path, ray_local, task, capsys):
-    """jobs/sweep.py over a retrieval / captioning config: a Tune trial is a Ray Train run
-    reporting the task's primary metric as val_score (one trial each, to keep the suite fast;
-    tests/test_sweep.py covers many trials, ASHA and resume)."""
-    import yaml
-
-    from avpea_ray.config import merge, parse_override
-    from avpea_ray.tasks import TASKS
-    from tests.test_sweep import _job
-
-    data: dict = {}
-    for text in _overrides(valor_shards, tmp_path / "runs", task, **{"optim.epochs": 1, "data.test": ""}):
-        merge(data, *parse_override(text))
-    data["sweep"] = {"name": f"{task}-sweep", "search": "grid", "space": {"model.reduction_factor": [16]},
-                     "scheduler": {"type": "fifo"}, "max_concurrent_trials": 1}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(data))
-    summary_json = tmp_path / "summary.json"
-    assert _job().main(["--config", str(path), "--summary-json", str(summary_json)]) == 0
-    summary = json.loads(summary_json.read_text())
-    assert [(t["status"], t["reduction_factor"]) for t in summary["trials"]] == [("completed", 16)]
-    primary = TASKS[task].primary_metric
-    for trial in summary["trials"]:
-        assert trial["best_val_score"] == pytest.approx(trial["final_metrics"][f"val_{primary}"])
-    assert Path(summary["best"]["checkpoint"], "adapter_model.safetensors").exists()

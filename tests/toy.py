@@ -1,8 +1,14 @@
 """Tiny models for tests: depth-2, width-64 ViTs at 32 px with random weights."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import timm
 import torch
@@ -72,3 +78,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store and artifacts under `folder`), up and
+    answering; yields its URL and stops it on exit."""
+    import requests
+
+    port = free_port()
+    log = folder / "mlflow-server.log"
+    server = subprocess.Popen(
+        [f"{Path(sys.executable).parent}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder}/server.db",
+         "--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: a small machine
+    try:
+        url = f"http://127.0.0.1:{port}"
+        # Up in seconds on an idle machine, over a minute on a busy one: wait for it, and say
+        # so if it never comes (the runs would only fail later with "connection refused").
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                requests.get(f"{url}/health", timeout=2).raise_for_status()
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline, "mlflow server not up in 240 s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -324,7 +324,13 @@ def _latest_intact_checkpoint() -> tuple[Path, dict] | None:
         pyarrow.fs.copy_files(f"{run_path}/{name}", str(local), source_filesystem=fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
 
-    return latest_intact(names, read_text, fetch, scratch_dir())
+    if not names:
+        return None
+    scratch = scratch_dir()
+    found = latest_intact(names, read_text, fetch, scratch)
+    if found is None:  # every one damaged: nothing fetched is kept
+        shutil.rmtree(scratch, ignore_errors=True)
+    return found
 
 
 def _uploader(cfg: TrainConfig, rank: int, global_step: int):
