@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from safetensors.torch import save_file
 
@@ -379,3 +380,30 @@ def test_config_file_and_overrides(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"reduction_factor": 4, "backbone_kwargs": {"img_size": 32}}))
     cfg = load_config(ModelConfig, tmp_path / "c.json", ["reduction_factor=16", "backbone_kwargs.depth=2"])
     assert (cfg.reduction_factor, cfg.backbone_kwargs) == (16, {"img_size": 32, "depth": 2})
+
+
+def _bf16_naive_cross_attention(cls, y):
+    """The cross-attention with autocast deciding its precision (bf16 logits and softmax)."""
+    weights = F.softmax(torch.bmm(cls, y.transpose(1, 2)), dim=-1)
+    return weights, torch.bmm(weights, y)
+
+
+@pytest.mark.parametrize("attend,matches", [("fp32", True), ("bf16", False)])
+def test_cross_attention_under_bf16_autocast_matches_fp32(monkeypatch, attend, matches):
+    """ViT-like tokens (a shared direction plus per-token variation, norms ~58, logits in the
+    thousands): under bf16 autocast the adapter's output matches fp32 within bf16's own
+    rounding of the rest of the adapter (~0.4%); with bf16 logits and softmax the attention
+    goes to other tokens and the CLS output moves by ~5%."""
+    import avpea_ray.model.adapter as adapter_module
+
+    generator = torch.Generator().manual_seed(0)
+    common = 2.0 * torch.randn(4, 1, 768, generator=generator)
+    x, y = (common + 0.6 * torch.randn(4, 197, 768, generator=generator) for _ in range(2))
+    adapter = AVPEA(768, 8, gating="open").eval()
+    reference = adapter(x, y)[:, 0]
+    if attend == "bf16":
+        monkeypatch.setattr(adapter_module, "cross_attention", _bf16_naive_cross_attention)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = adapter(x, y)[:, 0].float()
+    relative_error = ((output - reference).norm() / reference.norm()).item()
+    assert (relative_error < 0.02) == matches, relative_error
