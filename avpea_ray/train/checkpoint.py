@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -242,12 +241,7 @@ def latest_intact(names: list[str], read_text: Callable[[str], str],
     return None
 
 
-def scratch_dir() -> Path:
-    """A fresh local directory for fetched checkpoints."""
-    return Path(tempfile.mkdtemp(prefix="avpea-resume-"))
-
-
 __all__ = ["CheckpointDamaged", "MANIFEST", "Progress", "latest_intact", "read_checkpoint",
-           "read_manifest", "rng_state", "scratch_dir", "set_rng_state", "upload_files", "verify",
+           "read_manifest", "rng_state", "set_rng_state", "upload_files", "verify",
            "write_checkpoint"]
 

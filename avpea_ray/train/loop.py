@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import tempfile
 import time
@@ -31,7 +30,7 @@ from ..data.shards import read_index
 from ..model.task_model import AVPEAModel
 from ..tasks import build_model, make_task, register
 from ..tasks.distributed import gather_objects, is_distributed
-from .checkpoint import Progress, latest_intact, read_checkpoint, scratch_dir, upload_files, write_checkpoint
+from .checkpoint import Progress, latest_intact, read_checkpoint, upload_files, write_checkpoint
 from .config import TrainConfig
 from .tracking import MetricLogger
 
@@ -66,15 +65,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_per_epoch = 1 if dry_run else train_stream.steps_per_epoch
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     progress, best_state = Progress(), None
-    restored = None if dry_run else _latest_intact_checkpoint()
-    if restored:
-        directory, _ = restored
-        progress, reader_state, best_state = read_checkpoint(
-            directory, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler)
-        train_stream.load_state_dict(reader_state)
-        shutil.rmtree(directory.parent, ignore_errors=True)  # the fetched copy
-        _log(rank, f"resumed from {directory.name} at epoch {progress.epoch}, batch "
-                   f"{progress.batches_in_epoch} (global step {progress.global_step})")
+    with tempfile.TemporaryDirectory(prefix="avpea-resume-") as scratch:  # the fetched copy
+        restored = None if dry_run else _latest_intact_checkpoint(Path(scratch))
+        if restored:
+            directory, _ = restored
+            progress, reader_state, best_state = read_checkpoint(
+                directory, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler)
+            train_stream.load_state_dict(reader_state)
+            _log(rank, f"resumed from {directory.name} at epoch {progress.epoch}, batch "
+                       f"{progress.batches_in_epoch} (global step {progress.global_step})")
 
     logger = MetricLogger(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"],
                           enabled=rank == 0 and not dry_run)
@@ -302,8 +301,9 @@ class _Ledger:
         os.fsync(self.file.fileno())  # a SIGKILL right after must not lose the line
 
 
-def _latest_intact_checkpoint() -> tuple[Path, dict] | None:
-    """The newest intact checkpoint in this run's folder (see `checkpoint.latest_intact`).
+def _latest_intact_checkpoint(workdir: Path) -> tuple[Path, dict] | None:
+    """The newest intact checkpoint in this run's folder (see `checkpoint.latest_intact`),
+    fetched into `workdir`.
 
     Not `ray.train.get_checkpoint()`: that is the latest checkpoint Ray registered, whole or
     not, and a damaged one would end the run instead of falling back to the one before.
@@ -324,13 +324,7 @@ def _latest_intact_checkpoint() -> tuple[Path, dict] | None:
         pyarrow.fs.copy_files(f"{run_path}/{name}", str(local), source_filesystem=fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
 
-    if not names:
-        return None
-    scratch = scratch_dir()
-    found = latest_intact(names, read_text, fetch, scratch)
-    if found is None:  # every one damaged: nothing fetched is kept
-        shutil.rmtree(scratch, ignore_errors=True)
-    return found
+    return latest_intact(names, read_text, fetch, workdir)
 
 
 def _uploader(cfg: TrainConfig, rank: int, global_step: int):
