@@ -78,7 +78,7 @@ class AVPEA(nn.Module):
             if y is None:
                 raise ValueError("AVPEA with cross_attention=True needs the other stream's tokens y")
             cls = x[:, :1]
-            _, attended = cross_attention(cls, y)
+            attended = cross_attention(cls, y)
             cls = cls + self.q_gate * attended.to(cls.dtype)
             x = torch.cat((cls, x[:, 1:]), dim=1)
 
@@ -89,8 +89,8 @@ class AVPEA(nn.Module):
         return self.gate * self.ln_after(z.squeeze(-1).transpose(1, 2))
 
 
-def cross_attention(cls: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1's CLS cross-attention: `softmax(cls @ y^T)` and its weighted sum of `y`.
+def cross_attention(cls: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1's CLS cross-attention: `softmax(cls @ y^T) @ y`.
 
     Computed in fp32 even under autocast: with no projections and no scaling the logits are raw
     dot products of ViT tokens (norms in the tens, logits in the thousands), which bf16's 8
@@ -101,12 +101,11 @@ def cross_attention(cls: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
         y: `(B, M+1, D)` the other stream's tokens.
 
     Returns:
-        The weights `(B, 1, M+1)` and the attended tokens `(B, 1, D)`, both fp32.
+        The attended tokens `(B, 1, D)`, fp32.
     """
     with torch.autocast(device_type=cls.device.type, enabled=False):
         cls, y = cls.float(), y.float()
-        weights = F.softmax(torch.bmm(cls, y.transpose(1, 2)), dim=-1)
-        return weights, torch.bmm(weights, y)
+        return torch.bmm(F.softmax(torch.bmm(cls, y.transpose(1, 2)), dim=-1), y)
 
 
 def check_reduction_factor(dim: int, reduction_factor: int) -> None:
