@@ -15,17 +15,15 @@ import os
 import re
 import secrets
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from tests.toy import free_port
+from tests.toy import free_port, mlflow_server
 
 
 pytestmark = pytest.mark.slow
@@ -62,13 +60,12 @@ def _server_args(command: str, port: int, home: Path) -> list[str]:
         if arg in local:
             args[i + 1] = local.pop(arg)
     assert not local, f"cluster.yaml's mlflow server lacks {sorted(local)}"
-    # One worker and no job runner: the test machine is small.
-    return [sys.executable, "-m", "mlflow", "server", *args, "--workers", "1"]
+    return args
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The basic-auth server; yields (uri, home)."""
+    """The basic-auth server; yields (uri, cluster)."""
     cluster = yaml.safe_load(CLUSTER.read_text())
     home = tmp_path_factory.mktemp("head")
     (home / "mlflow").mkdir()
@@ -86,40 +83,8 @@ def server(tmp_path_factory):
               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
               "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
     assert names == set(values), f"cluster.yaml sets {sorted(names)}"
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(_server_args(start, port, home), stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=_env(**values, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-    uri = f"http://127.0.0.1:{port}"
-    # The client side's imports take seconds: overlap them with the server's start.
-    import mlflow.server  # noqa: F401
-    import mlflow.tracking  # noqa: F401
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited {proc.returncode}:\n"
-                            + (home / "server.log").read_text()[-3000:])
-            try:
-                if requests.get(uri + "/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server not up in 90 s:\n"
-                            + (home / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+    with mlflow_server(home, _server_args(start, port, home), port, _env(**values)) as uri:
         yield uri, cluster
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def _sync_user(cluster: dict, uri: str, admin_password: str) -> subprocess.CompletedProcess:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
@@ -81,33 +83,49 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path):
-    """A real `mlflow server` on 127.0.0.1 (sqlite store and artifacts under `folder`), up and
-    answering; yields its URL and stops it on exit."""
+def mlflow_server(folder: Path, args: list[str] | None = None, port: int | None = None,
+                  env: dict[str, str] | None = None):
+    """A real `mlflow server` on 127.0.0.1, up and answering; yields its URL and stops it (and
+    its workers) on exit.
+
+    Args:
+        folder: where its log goes (and, by default, its sqlite store and artifacts).
+        args: the arguments after `mlflow server` (default: those stores, on `port`);
+            `--workers 1` is added (a small machine).
+        port: the port `args` names (default: a free one).
+        env: the server's environment (default: this process's).
+    """
     import requests
 
-    port = free_port()
+    port = port or free_port()
+    args = args or ["--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
+                    f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "server-artifacts")]
     log = folder / "mlflow-server.log"
     server = subprocess.Popen(
-        [f"{Path(sys.executable).parent}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder}/server.db",
-         "--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: a small machine
+        [sys.executable, "-m", "mlflow", "server", *args, "--workers", "1"], stdin=subprocess.DEVNULL,
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=(os.environ if env is None else env) | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner
+    url = f"http://127.0.0.1:{port}"
+    # Up in seconds on an idle machine, over a minute on a busy one: wait for it, and say so if
+    # it never comes (the runs would only fail later with "connection refused").
     try:
-        url = f"http://127.0.0.1:{port}"
-        # Up in seconds on an idle machine, over a minute on a busy one: wait for it, and say
-        # so if it never comes (the runs would only fail later with "connection refused").
         deadline = time.monotonic() + 240
         while True:
-            assert server.poll() is None, log.read_text()[-3000:]
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited {server.returncode}:\n" + log.read_text()[-3000:])
             try:
-                requests.get(f"{url}/health", timeout=2).raise_for_status()
-                break
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
             except requests.RequestException:
-                assert time.monotonic() < deadline, "mlflow server not up in 240 s"
-                time.sleep(0.5)
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("mlflow server not up in 240 s:\n" + log.read_text()[-3000:])
+            time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
