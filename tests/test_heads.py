@@ -226,11 +226,31 @@ def test_avqa_counts_and_micro_averaged_accuracies():
         "Audio": 75.0,  # 3/4; the mean of the two types would be 50
         "Visual": 75.0,
         "Audio-Visual": 40.0,  # 2/5; the mean of the two types would be 62.5
-        "overall": 100.0 * 8 / 13,
+        "avg": (75.0 + 75.0 + 40.0) / 3,  # the paper's Avg: each group weighs the same
+        "overall": 100.0 * 8 / 13,  # over all questions: 61.54, not the Avg's 63.33
     }
     assert acc.keys() == expected.keys()  # types without questions are omitted
     for key, value in expected.items():
         assert acc[key] == pytest.approx(value), key
+
+
+def test_avqa_task_reports_avg_and_majority_baseline_in_both_conventions():
+    from avpea_ray.tasks.avqa import AVQATask
+
+    pred, target, types = metric_inputs()
+    # Train answer counts make answer 0 the majority answer. It is right where the target is 0
+    # here (targets i % 3 == 0): Audio 2/4, Visual 2/4, Audio-Visual 3/5, 7 of 13 in all.
+    task = AVQATask(cfg=None, vocab={"question_words": ["<pad>"], "answers": ["a", "b", "c", "d"],
+                                     "answer_counts": [9, 1, 1, 1]})
+    logits = torch.nn.functional.one_hot(pred, 4).float()
+    batch = Batch(frames=None, fbank=None, head_inputs={},
+                  targets={"answer_index": target, "question_types": types})
+    metrics = task.metrics(task.counts({"answer_logits": logits}, batch))
+    assert metrics["avg"] == pytest.approx((75.0 + 75.0 + 40.0) / 3)
+    assert metrics["overall"] == pytest.approx(100.0 * 8 / 13)
+    assert metrics["majority_avg"] == pytest.approx((50.0 + 50.0 + 60.0) / 3)
+    assert metrics["majority_acc"] == pytest.approx(100.0 * 7 / 13)
+    assert AVQATask.primary_metric == "avg"  # checkpoints and sweeps select on the paper's Avg
 
 
 def test_avqa_counts_sum_like_an_all_reduce():

@@ -264,7 +264,7 @@ def test_sweep_end_to_end_with_mlflow_and_resume(avqa_shards, tmp_path, ray_loca
         assert t["stopped_early"] == (t["status"] == "stopped early")
         assert t["status"] in ("completed", "stopped early"), t
         if t["status"] == "completed":
-            assert t["epochs_run"] == 3 and "test_overall" in t["final_metrics"]
+            assert t["epochs_run"] == 3 and "test_avg" in t["final_metrics"]
     # ASHA: the lagging variant is stopped at the first rung once a learning trial is recorded.
     slow = [t for t in trials.values() if t["variant"] == "open-slow"]
     assert any(t["stopped_early"] and t["epochs_run"] < 3 for t in slow), slow
@@ -278,8 +278,10 @@ def test_sweep_end_to_end_with_mlflow_and_resume(avqa_shards, tmp_path, ray_loca
     files = summary["files"]
     rows = list(csv.DictReader(open(files["csv"])))
     assert len(rows) == 4
-    assert {"reduction_factor", "gating", "lr", "trainable_params", "best_val_score", "epochs_run",
+    assert {"reduction_factor", "gating", "lr", "trainable_params", "best_val_score", "test_avg", "epochs_run",
             "stopped_early"} <= set(rows[0])
+    assert {float(r["test_avg"]) for r in rows if r["status"] == "completed"} == {
+        t["final_metrics"]["test_avg"] for t in trials.values() if t["status"] == "completed"}
     assert Path(files["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(Path(files["json"]).read_text())["best"]["trial_id"] == best["trial_id"]
 
@@ -307,7 +309,7 @@ def test_sweep_end_to_end_with_mlflow_and_resume(avqa_shards, tmp_path, ray_loca
         assert child.data.metrics["best_val_score"] == pytest.approx(trial["best_val_score"])
         assert child.data.metrics["stopped_early"] == float(trial["stopped_early"])
         # rank 0 of the trial's Train run logged its epochs into the child run
-        history = client.get_metric_history(child.info.run_id, "val_overall")
+        history = client.get_metric_history(child.info.run_id, "val_avg")
         assert len(history) == trial["epochs_run"]
 
     # Resume: the same sweep again runs no new trial and finds the same parent run.

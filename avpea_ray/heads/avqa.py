@@ -295,18 +295,21 @@ def avqa_counts(
 
 
 def avqa_accuracies(counts: torch.Tensor) -> dict[str, float]:
-    """Per-type, per-group and overall accuracy in percent from summed counts.
+    """Per-type, per-group, group-mean and overall accuracy in percent from summed counts.
 
-    Groups and "overall" are micro-averages (correct / questions in the group), as
-    MUSIC-AVQA reports them, not means of the per-type accuracies. A type, group or overall
-    with no questions is omitted from the result rather than reported as 0 or NaN.
+    A group's accuracy is a micro-average (correct / questions in the group), as MUSIC-AVQA
+    reports it, not a mean of its types' accuracies. "avg" is the AV-PEA paper's headline
+    (its Table 2 "Avg"): the plain mean of the Audio, Visual and Audio-Visual accuracies, so
+    each group weighs the same whatever its number of questions. "overall" is the micro
+    accuracy over all questions. A type or group with no questions is omitted rather than
+    reported as 0 or NaN, and "avg" is then the mean of the groups that have questions.
 
     Args:
         counts: (len(QUESTION_TYPES), 2) [correct, total] rows from `avqa_counts`
             (summed over batches and ranks).
 
     Returns:
-        {type name: acc, group name: acc, "overall": acc} for the non-empty ones.
+        {type name: acc, group name: acc, "avg": acc, "overall": acc} for the non-empty ones.
     """
     counts = counts.detach().cpu().long()
     if counts.shape != (len(QUESTION_TYPES), 2):
@@ -315,11 +318,15 @@ def avqa_accuracies(counts: torch.Tensor) -> dict[str, float]:
     buckets: dict[str, list[str]] = {t: [t] for t in QUESTION_TYPES}
     for group in GROUPS:
         buckets[group] = [t for t in QUESTION_TYPES if TYPE_GROUP[t] == group]
-    buckets["overall"] = list(QUESTION_TYPES)
     result = {}
     for name, types in buckets.items():
         correct = sum(per_type[t][0] for t in types)
         total = sum(per_type[t][1] for t in types)
         if total:
             result[name] = 100.0 * correct / total
+    groups = [result[g] for g in GROUPS if g in result]
+    if groups:
+        result["avg"] = sum(groups) / len(groups)
+        total = int(counts[:, 1].sum())
+        result["overall"] = 100.0 * int(counts[:, 0].sum()) / total
     return result

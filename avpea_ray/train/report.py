@@ -56,13 +56,13 @@ def accuracy_plot(summary: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 4))
     ax.bar(range(len(names)), [accuracies[n] for n in names], color="#4C72B0")
     if summary.get("majority_acc") is not None:
-        ax.axhline(summary["majority_acc"], color="#C44E52", linestyle="--", label="majority answer")
+        ax.axhline(summary["majority_acc"], color="#C44E52", linestyle="--", label="majority answer (all questions)")
         ax.legend(loc="lower right")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel(f"{summary['evaluated_on']} accuracy (%)")
     ax.set_ylim(0, 100)
-    overall = summary.get("overall_acc", summary.get("accuracy")) or 0.0
-    ax.set_title(f"{summary['run_name']}: overall {overall:.1f}%")
+    primary = get_task(summary["task"]).primary_metric
+    ax.set_title(f"{summary['run_name']}: {primary} {summary['metrics'].get(primary) or 0.0:.1f}%")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

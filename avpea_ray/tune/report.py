@@ -143,37 +143,46 @@ def publish_summary(plan: SweepPlan, parent_id: str, summary: dict) -> None:
 
 
 COLUMNS = ("trial_id", "variant", "reduction_factor", "gating", "cross_attention", "adapters", "lr",
-           "trainable_params", "adapter_params", "best", "epochs_run", "stopped_early", "status", "checkpoint")
+           "trainable_params", "adapter_params", "best", "test", "epochs_run", "stopped_early", "status",
+           "checkpoint")
+
+
+def _test_key(summary: dict) -> str:
+    """The test split's primary metric of the trials that finished (e.g. AVQA's test_avg)."""
+    return f"test_{get_task(summary['task']).primary_metric}"
 
 
 def _columns(summary: dict) -> list[str]:
-    key = f"best_{summary['metric']}"
+    named = {"best": f"best_{summary['metric']}", "test": _test_key(summary)}
     extra = sorted({k for t in summary["trials"] for k in t["config"]} -
                    {VARIANT_AXIS, "model.reduction_factor", "model.gating", "model.cross_attention",
                     "model.adapters", "optim.lr"})
-    return [key if c == "best" else c for c in COLUMNS] + extra
+    return [named.get(c, c) for c in COLUMNS] + extra
 
 
 def trials_csv(summary: dict) -> str:
-    columns = _columns(summary)
+    columns, test_key = _columns(summary), _test_key(summary)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for trial in summary["trials"]:
-        writer.writerow(trial | {k: v for k, v in trial["config"].items() if k in columns})
+        writer.writerow(trial | {k: v for k, v in trial["config"].items() if k in columns}
+                        | {test_key: trial["final_metrics"].get(test_key)})
     return buffer.getvalue()
 
 
 def format_table(summary: dict) -> str:
     """The trials table the job prints."""
-    key = f"best_{summary['metric']}"
+    key, test_key = f"best_{summary['metric']}", _test_key(summary)
     head = f"{'trial':<13}{'variant':<18}{'r':>4}  {'gating':<8}{'lr':>9}{'trainable':>11}{key:>16}" \
-           f"{'epochs':>8}  {'stopped early':<14}"
+           f"{test_key:>14}{'epochs':>8}  {'stopped early':<14}"
     lines = [head, "-" * len(head)]
     for t in summary["trials"]:
         score = f"{t[key]:.2f}" if t[key] is not None else "-"
+        test = t["final_metrics"].get(test_key)
+        test = f"{test:.2f}" if test is not None else "-"
         lines.append(f"{str(t['trial_id']):<13}{t['variant'][:17]:<18}{t['reduction_factor']:>4}  {t['gating']:<8}"
-                     f"{t['lr']:>9.2e}{t['trainable_params']:>11,}{score:>16}{t['epochs_run']:>8}  "
+                     f"{t['lr']:>9.2e}{t['trainable_params']:>11,}{score:>16}{test:>14}{t['epochs_run']:>8}  "
                      f"{'yes' if t['stopped_early'] else 'no':<14}" + (" ERROR" if t["status"] == "error" else ""))
     return "\n".join(lines)
 
