@@ -134,22 +134,71 @@ def test_avqa_question_padding_does_not_change_logits():
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_avqa_match_negatives_use_the_previous_clip_frames():
-    """Rolling by one: clip i's negative uses clip i-1's frames.
+def test_avqa_match_negatives_are_other_videos_at_random_seconds():
+    """AVST's negatives: second t of clip b is paired with a frame of another clip (another
+    video) at a random second; every other clip and every second gets drawn; eval repeats."""
+    head = avqa_head()
+    b, t = 4, 5
+    # Entry (clip, second) holds the value 100 * clip + second in every patch and channel.
+    patches = (100 * torch.arange(b).view(b, 1, 1, 1) + torch.arange(t).view(1, t, 1, 1)).float()
+    patches = patches.expand(b, t, 3, 8)
+    drawn = set()
+    for _ in range(50):
+        negative = head._negative_patches(patches)[..., 0, 0].long()  # (B, T) codes
+        clip, second = negative // 100, negative % 100
+        assert (clip != torch.arange(b).view(b, 1)).all()  # never the clip's own video
+        drawn |= {(i, int(c), int(s)) for i in range(b) for c, s in zip(clip[i], second[i])}
+    assert drawn == {(i, c, s) for i in range(b) for c in range(b) if c != i for s in range(t)}
+    head.eval()
+    torch.testing.assert_close(head._negative_patches(patches), head._negative_patches(patches))
 
-    Clip 1 has the same frames as clip 0, so its negative pair equals its positive pair;
-    clip 2's negative uses clip 1's (different) frames.
-    """
+
+def test_avqa_match_pairs_are_positives_then_negatives_and_differ():
     head = avqa_head().eval()
     b, t = 3, 2
     visual, audio = tokens(b, t, 4, 3)
-    visual[1] = visual[0]
     with torch.no_grad():
-        match = head(visual, audio, questions(1), torch.tensor([0]))["match_logits"]
-    positive, negative = match.view(2, b, t, 2)
-    torch.testing.assert_close(negative[1], positive[1], atol=1e-6, rtol=1e-6)
-    assert not torch.allclose(negative[2], positive[2])
-    assert not torch.allclose(negative[0], positive[0])
+        out = head(visual, audio, questions(1), torch.tensor([0]))
+    positive, negative = out["match_logits"].view(2, b, t, 2)
+    assert out["match_labels"].tolist() == [1] * (b * t) + [0] * (b * t)
+    assert not torch.allclose(negative, positive)
+
+
+def test_avqa_grounding_stage_trains_only_the_match_task():
+    head = avqa_head(stage="grounding")
+    qa_only = {n for n, _ in head.named_parameters()
+               if n.split(".")[0] in ("question_encoder", "audio_temporal", "visual_temporal", "fusion",
+                                      "answer_classifier")}
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert qa_only and not qa_only & trainable
+    assert {n.split(".")[0] for n in trainable} == {"audio_proj", "visual_proj", "grounding_fuse",
+                                                   "match_classifier"}
+    visual, audio = tokens(3, 2, 4, 3)
+    out = head(visual, audio)  # no questions needed
+    assert out["answer_logits"] is None and out["match_logits"].shape == (12, 2)
+    loss, parts = head.loss(out, torch.empty(0, dtype=torch.long))
+    loss.backward()
+    assert all(p.grad is not None for n, p in head.named_parameters() if n in trainable)
+    assert set(parts) == {"match_loss"}
+    with pytest.raises(ValueError, match="data.batch_size >= 2"):
+        head.loss(head(*tokens(1, 2, 4, 3)), torch.empty(0, dtype=torch.long))
+
+
+def test_avqa_audio_pooling_mean_reads_the_mean_audio_patch_token():
+    torch.manual_seed(0)
+    cls_head = avqa_head()
+    mean_head = avqa_head(audio_pooling="mean")
+    mean_head.load_state_dict(cls_head.state_dict())
+    visual, audio = tokens(2, 3, 4, 3)
+    # The mean head on tokens whose CLS is the patches' mean == the CLS head on the same.
+    as_cls = audio.clone()
+    as_cls[:, :, 0] = audio[:, :, 1:].mean(2)
+    with torch.no_grad():
+        mean_out = mean_head.eval()(visual, audio, questions(2), torch.tensor([0, 1]))["answer_logits"]
+        cls_out = cls_head.eval()(visual, as_cls, questions(2), torch.tensor([0, 1]))["answer_logits"]
+        plain = cls_head(visual, audio, questions(2), torch.tensor([0, 1]))["answer_logits"]
+    torch.testing.assert_close(mean_out, cls_out)
+    assert not torch.allclose(mean_out, plain)
 
 
 def test_avqa_rejects_bad_config_and_shapes():
@@ -251,6 +300,28 @@ def test_avqa_task_reports_avg_and_majority_baseline_in_both_conventions():
     assert metrics["majority_avg"] == pytest.approx((50.0 + 50.0 + 60.0) / 3)
     assert metrics["majority_acc"] == pytest.approx(100.0 * 7 / 13)
     assert AVQATask.primary_metric == "avg"  # checkpoints and sweeps select on the paper's Avg
+
+
+def test_avqa_grounding_stage_is_scored_and_selected_on_match_accuracy():
+    from avpea_ray.config import ConfigError, load_config
+    from avpea_ray.tasks.avqa import AVQATask
+    from avpea_ray.train.config import TrainConfig
+    from avpea_ray.train.preflight import default_run_name
+
+    cfg = load_config(TrainConfig, values={"task": "avqa", "head": {"stage": "grounding"}})
+    task = AVQATask(cfg, vocab={"question_words": ["<pad>"], "answers": ["a"], "answer_counts": [1]})
+    assert AVQATask.selection(cfg)[0] == "match_acc" and "grounding" in default_run_name(cfg)
+    logits = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # says 1, 1, 0, 1
+    batch = Batch(frames=torch.zeros(2), fbank=None, head_inputs={}, targets={})
+    outputs = {"match_logits": logits, "match_labels": torch.tensor([1, 1, 0, 0])}
+    assert task.metrics(task.counts(outputs, batch)) == {"match_acc": 75.0}
+    one_clip = {"match_logits": None, "match_labels": None}  # a last eval batch of one clip
+    assert task.counts(one_clip, batch).sum() == 0
+    with pytest.raises(ConfigError, match="data.batch_size must be >= 2 for head.stage=grounding"):
+        AVQATask(load_config(TrainConfig, values={"task": "avqa", "head": {"stage": "grounding"},
+                                                  "data": {"batch_size": 1}}), task.vocab).check(None)
+    with pytest.raises(ConfigError, match="head.stage must be one of"):
+        load_config(TrainConfig, values={"task": "avqa", "head": {"stage": "pretrain"}})
 
 
 def test_avqa_counts_sum_like_an_all_reduce():

@@ -4,8 +4,9 @@ The head reads the trunk's final token sequences of each time step (one frame an
 window) and answers questions about the clip:
 
 1. Question encoder: word embedding -> LSTM -> (hidden, cell) -> tanh -> linear, as AVST.
-2. Per clip and time step: audio feature from the audio CLS token; visual features from the
-   patch tokens. Audio-guided spatial grounding: cosine similarity of the audio feature with
+2. Per clip and time step: audio feature from the audio CLS token (`audio_pooling="cls"`) or
+   the mean of the audio patch tokens (`"mean"`, as LAVISH, whose Swin has no CLS token);
+   visual features from the patch tokens. Audio-guided spatial grounding: cosine similarity of the audio feature with
    every patch, softmax over patches, attended patch feature; fused with the mean-pooled
    visual feature (concat -> tanh -> linear). Like AVST, which has no CLS token, the head
    does not read the visual CLS token; the adapters' cross-modal signal reaches the patch
@@ -15,8 +16,15 @@ window) and answers questions about the clip:
    added to its temporal mean, and the two are fused, multiplied by the question feature,
    passed through tanh and classified into one of the answers.
 4. Audio-visual match task (AVST's positive/negative grounding): a small classifier tells
-   whether a clip's audio and the grounded frames come from the same clip. Negatives pair a
-   clip's audio with the frames of the next clip in the batch.
+   whether one second's audio and a grounded frame come from the same video. As AVST's data
+   loader, the negative of second t of clip b is a frame of ANOTHER video, at a random
+   second: clip (b + k) mod B for k drawn from 1..B-1 (a batch holds B different videos).
+   In eval mode the draw comes from a fixed seed, so validation scores repeat.
+
+Two stages, as AVST (`stage`): "grounding" trains only the match task (audio projection,
+visual projection, grounding fusion and match classifier; the question-answering modules are
+frozen, so they are neither trained nor saved), and its weights initialise the "qa" stage
+(`model.init_from`), which trains answers + 0.5 x match.
 
 The backbone runs once per video and a video has several questions, so steps 1-2 and 4 run
 per clip and step 3 gathers each question's clip by `question_video_index`.
@@ -127,7 +135,13 @@ class AVQAHead(nn.Module):
         hidden: head width (512 in AVST).
         num_heads: heads of the temporal-grounding attention; must divide hidden.
         match_weight: weight of the audio-visual match loss (0.5 in AVST).
+        stage: "qa" (answers + match) or "grounding" (the match task only; AVST's first stage).
+        audio_pooling: the per-second audio feature: "cls" (the audio CLS token) or "mean"
+            (the mean of the audio patch tokens, as LAVISH).
     """
+
+    STAGES = ("qa", "grounding")
+    AUDIO_POOLINGS = ("cls", "mean")
 
     def __init__(
         self,
@@ -137,13 +151,18 @@ class AVQAHead(nn.Module):
         hidden: int = 512,
         num_heads: int = 4,
         match_weight: float = 0.5,
+        stage: str = "qa",
+        audio_pooling: str = "cls",
     ) -> None:
         super().__init__()
+        if stage not in self.STAGES or audio_pooling not in self.AUDIO_POOLINGS:
+            raise ValueError(f"stage must be one of {self.STAGES} (got {stage!r}) and audio_pooling "
+                             f"one of {self.AUDIO_POOLINGS} (got {audio_pooling!r})")
         if hidden % num_heads:
             raise ValueError(f"hidden={hidden} must be divisible by num_heads={num_heads}")
         if hidden < 4:
             raise ValueError(f"hidden={hidden} must be at least 4 (the match MLP narrows it by 4)")
-        self.match_weight = match_weight
+        self.match_weight, self.stage, self.audio_pooling = match_weight, stage, audio_pooling
         self.question_encoder = QuestionEncoder(vocab_size, hidden)
         self.audio_proj = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
         self.visual_proj = nn.Linear(dim, hidden)
@@ -159,6 +178,14 @@ class AVQAHead(nn.Module):
         self.visual_temporal = TemporalGrounding(hidden, num_heads)
         self.fusion = nn.Linear(2 * hidden, hidden)
         self.answer_classifier = nn.Linear(hidden, num_answers)
+        if stage == "grounding":  # requires_grad is what trains and what is saved
+            for module in self.question_answering_modules():
+                module.requires_grad_(False)
+
+    def question_answering_modules(self) -> list[nn.Module]:
+        """The modules only the QA stage trains (the grounding stage leaves them frozen)."""
+        return [self.question_encoder, self.audio_temporal, self.visual_temporal, self.fusion,
+                self.answer_classifier]
 
     def _ground(self, audio: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Audio-guided spatial grounding of one set of frames.
@@ -177,12 +204,31 @@ class AVQAHead(nn.Module):
         attended = torch.einsum("btn,btnh->bth", scores.softmax(dim=-1), patches_n)
         return self.grounding_fuse(torch.tanh(torch.cat([pooled, attended], dim=-1)))
 
+    def _negative_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """For every (clip b, second t), the patches of another clip at a random second.
+
+        Args:
+            patches: (B, T, N, hidden) with B >= 2 clips of different videos.
+
+        Returns:
+            (B, T, N, hidden): entry (b, t) is patches[(b + k) % B, t'] for k in 1..B-1 and t'
+            in 0..T-1 drawn uniformly (from a fixed seed in eval mode).
+        """
+        batch, steps = patches.shape[:2]
+        generator = None
+        if not self.training:
+            generator = torch.Generator(device=patches.device).manual_seed(0)
+        shift = torch.randint(1, batch, (batch, steps), generator=generator, device=patches.device)
+        other = (torch.arange(batch, device=patches.device).unsqueeze(1) + shift) % batch
+        second = torch.randint(0, steps, (batch, steps), generator=generator, device=patches.device)
+        return patches[other, second]
+
     def forward(
         self,
         visual_tokens: torch.Tensor,
         audio_tokens: torch.Tensor,
-        question_tokens: torch.Tensor,
-        question_video_index: torch.Tensor,
+        question_tokens: torch.Tensor | None = None,
+        question_video_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Answer every question about the clips of a batch.
 
@@ -191,14 +237,16 @@ class AVQAHead(nn.Module):
             audio_tokens: (B, T, M+1, D) spectrogram-window tokens, CLS first.
             question_tokens: (Q, L) long word indices, right-padded with 0.
             question_video_index: (Q,) long, the clip (0..B-1) each question is about.
+                Neither is needed (nor read) in the grounding stage.
 
         Returns:
             dict with
-            - "answer_logits": (Q, num_answers);
+            - "answer_logits": (Q, num_answers); None in the grounding stage;
             - "match_logits": (2*B*T, 2) audio-visual match logits, the B*T positive pairs
-              (each clip's audio with its own frames, flattened over (B, T)) first, then
-              the B*T negatives (its audio with the next clip's frames); None when B == 1,
-              where no other clip exists to draw negatives from;
+              (each second's audio with its own frame, flattened over (B, T)) first, then
+              the B*T negatives (its audio with a frame of another clip of the batch, at a
+              random second); None when B == 1, where no other video exists to draw
+              negatives from;
             - "match_labels": (2*B*T,) long, 1 = same clip, 0 = other clip; None when B == 1.
         """
         batch, steps = visual_tokens.shape[:2]
@@ -207,14 +255,14 @@ class AVQAHead(nn.Module):
                 f"visual tokens {tuple(visual_tokens.shape)} and audio tokens "
                 f"{tuple(audio_tokens.shape)} disagree on (B, T)"
             )
-        audio = self.audio_proj(audio_tokens[:, :, 0])  # (B, T, h)
+        pooled_audio = audio_tokens[:, :, 0] if self.audio_pooling == "cls" else audio_tokens[:, :, 1:].mean(2)
+        audio = self.audio_proj(pooled_audio)  # (B, T, h)
         patches = self.visual_proj(visual_tokens[:, :, 1:])  # (B, T, N, h)
         visual = self._ground(audio, patches)  # (B, T, h)
 
         match_logits = match_labels = None
         if batch > 1:
-            # Rolling by one along the batch gives every clip another clip's frames.
-            negative = self._ground(audio, patches.roll(1, dims=0))
+            negative = self._ground(audio, self._negative_patches(patches))
             pairs = torch.cat(
                 [torch.cat([audio, visual], dim=-1), torch.cat([audio, negative], dim=-1)]
             )
@@ -226,6 +274,8 @@ class AVQAHead(nn.Module):
                 ]
             )
 
+        if self.stage == "grounding":
+            return {"answer_logits": None, "match_logits": match_logits, "match_labels": match_labels}
         question = self.question_encoder(question_tokens)  # (Q, h)
         q_audio = audio[question_video_index]  # (Q, T, h)
         q_visual = visual[question_video_index]
@@ -255,6 +305,8 @@ class AVQAHead(nn.Module):
         Returns:
             (total loss, {"answer_loss": detached, "match_loss": detached, 0 when skipped}).
         """
+        if self.stage == "grounding":
+            return self.match_loss(outputs)
         answer_loss = F.cross_entropy(outputs["answer_logits"], answer_index)
         if outputs["match_logits"] is None:
             match_loss = sum(p.sum() for p in self.match_classifier.parameters()) * 0.0
@@ -262,6 +314,19 @@ class AVQAHead(nn.Module):
             match_loss = F.cross_entropy(outputs["match_logits"], outputs["match_labels"])
         total = answer_loss + self.match_weight * match_loss
         return total, {"answer_loss": answer_loss.detach(), "match_loss": match_loss.detach()}
+
+    def match_loss(self, outputs: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The grounding stage's loss: CE(audio-visual match), as AVST's grounding_gen.
+
+        Raises:
+            ValueError: the batch had one clip, so there was no other video to draw negatives
+                from (training batches are whole, so data.batch_size >= 2 avoids this).
+        """
+        if outputs["match_logits"] is None:
+            raise ValueError("the grounding stage needs at least 2 clips per batch (negatives are "
+                             "frames of other videos): set data.batch_size >= 2")
+        loss = F.cross_entropy(outputs["match_logits"], outputs["match_labels"])
+        return loss, {"match_loss": loss.detach()}
 
 
 def avqa_counts(

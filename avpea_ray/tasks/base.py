@@ -12,7 +12,8 @@ A task is one module under `avpea_ray/tasks/` with one class (and one line in th
     reference_head_args  the data-derived head arguments of the real dataset (parameter reports)
 
 and implements `from_config` (what it needs from the train split's index), `data_head_args`,
-`make_batch`, `loss`, `evaluator`, and optionally `check`, `summary` and `baseline_line`.
+`make_batch`, `loss`, `evaluator`, and optionally `check`, `summary`, `baseline_line`, and
+`selection` / `variant` for a task whose config picks another stage (AVQA's grounding stage).
 """
 from __future__ import annotations
 
@@ -60,6 +61,17 @@ class Task:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    @classmethod
+    def selection(cls, cfg: Any) -> tuple[str, str]:
+        """The validation metric that selects checkpoints for this config, and its label."""
+        return cls.primary_metric, cls.primary_metric_label
+
+    @classmethod
+    def variant(cls, cfg: Any) -> str:
+        """A name for what this config trains when it is not the task's usual run (e.g.
+        "grounding"), part of the default run name; "" otherwise."""
+        return ""
 
     @classmethod
     def from_config(cls, cfg: Any, index: "ShardIndex") -> "Task":

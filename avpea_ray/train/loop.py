@@ -140,10 +140,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         damage.add("train", train_stream)
         val = _evaluate(model, task, stream(cfg.data.val, training=False), device, autocast,
                         max_batches=1 if dry_run else None, damage=damage, split="val")
-        score = val.get(task.primary_metric, float("nan"))
+        primary = task.selection(cfg)[0]
+        score = val.get(primary, float("nan"))
         if rank == 0:
-            _log(rank, f"epoch {progress.epoch}: val {task.primary_metric} {score:.2f} "
-                       f"({', '.join(f'{k} {v:.1f}' for k, v in val.items() if k != task.primary_metric)})")
+            _log(rank, f"epoch {progress.epoch}: val {primary} {score:.2f} "
+                       f"({', '.join(f'{k} {v:.1f}' for k, v in val.items() if k != primary)})")
         if dry_run:
             ray.train.report({"dry_run": 1, **{f"val_{k}": v for k, v in val.items()}})
             return

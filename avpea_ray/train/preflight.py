@@ -42,7 +42,9 @@ class Preflight:
 def default_run_name(cfg: TrainConfig) -> str:
     """A stable name, so running the same command again resumes the same run."""
     backbone = cfg.model.backbone.split(".")[0]
-    return f"{cfg.task}-{backbone}-r{cfg.model.reduction_factor}-{cfg.model.adapters}"
+    variant = get_task(cfg.task).variant(cfg)
+    return "-".join([cfg.task, *([variant] if variant else []), backbone,
+                     f"r{cfg.model.reduction_factor}", cfg.model.adapters])
 
 
 def preflight(cfg: TrainConfig) -> Preflight:

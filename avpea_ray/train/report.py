@@ -22,8 +22,9 @@ def summarize(checked: Preflight, metrics: dict, run_id: str | None, checkpoint,
     split = "test" if any(k.startswith("test_") for k in metrics) else "val"
     scores = {k.removeprefix(f"{split}_"): v for k, v in metrics.items()
               if k.startswith(f"{split}_") and k != "val_score"}
+    primary, label = get_task(cfg.task).selection(cfg)
     summary: dict[str, Any] = {
-        "task": cfg.task, "run_name": cfg.run.name, "dry_run": dry_run, "evaluated_on": split,
+        "task": cfg.task, "run_name": cfg.run.name, "primary_metric": primary, "primary_metric_label": label, "dry_run": dry_run, "evaluated_on": split,
         "best_epoch": metrics.get("best_epoch"), "best_val_score": metrics.get("val_score"),
         "metrics": scores, "mlflow_run_id": run_id, "mlflow_tracking_uri": redact_uri(checked.tracking_uri),
         "run_folder": None if dry_run else storage_url(cfg.run.storage_path, checked.run_url),
@@ -61,7 +62,7 @@ def accuracy_plot(summary: dict, path: Path) -> Path | None:
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel(f"{summary['evaluated_on']} accuracy (%)")
     ax.set_ylim(0, 100)
-    primary = get_task(summary["task"]).primary_metric
+    primary = summary["primary_metric"]
     ax.set_title(f"{summary['run_name']}: {primary} {summary['metrics'].get(primary) or 0.0:.1f}%")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -79,7 +79,9 @@ def make_summary(plan: SweepPlan, trials: list[dict], parent_id: str, restored: 
     key = f"best_{plan.sweep.scheduler.metric}"
     scored = [t for t in trials if t[key] is not None]
     best = (max if plan.sweep.scheduler.mode == "max" else min)(scored, key=lambda t: t[key]) if scored else None
+    primary, label = get_task(plan.cfg.task).selection(plan.cfg)
     return {"sweep": plan.sweep.name, "path": plan.path, "task": plan.cfg.task, "metric": plan.sweep.scheduler.metric,
+            "primary_metric": primary, "primary_metric_label": label,
             "mode": plan.sweep.scheduler.mode, "restored": restored, "seconds": round(seconds, 1),
             "mlflow_tracking_uri": redact_uri(plan.tracking_uri), "mlflow_parent_run_id": parent_id,
             "num_trials": len(trials), "planned_trials": plan.num_trials,
@@ -149,7 +151,7 @@ COLUMNS = ("trial_id", "variant", "reduction_factor", "gating", "cross_attention
 
 def _test_key(summary: dict) -> str:
     """The test split's primary metric of the trials that finished (e.g. AVQA's test_avg)."""
-    return f"test_{get_task(summary['task']).primary_metric}"
+    return f"test_{summary['primary_metric']}"
 
 
 def _columns(summary: dict) -> list[str]:
@@ -214,7 +216,7 @@ def plot_metric(summary: dict, path: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xticks(factors, [str(f) for f in factors])
     ax.set_xlabel("adapter reduction factor r (model.reduction_factor; bottleneck D / r)")
-    primary = get_task(summary["task"]).primary_metric_label
+    primary = summary["primary_metric_label"]
     ax.set_ylabel(f"best {summary['metric']}" + (f" ({primary})" if summary["metric"] == "val_score" else ""))
     ax.set_title(f"sweep {summary['sweep']} ({summary['num_trials']} trials; hollow: stopped early by ASHA)",
                  fontsize=10)
@@ -235,7 +237,7 @@ def report_sweep(summary: dict) -> None:
     if best:
         print(f"\nbest trial {best['trial_id']}: {best['variant']}, model.reduction_factor={best['reduction_factor']}, "
               f"optim.lr={best['lr']:.2e}: {key} {best[key]:.2f} after {best['epochs_run']} epochs")
-        test_metric = f"test_{get_task(summary['task']).primary_metric}"
+        test_metric = _test_key(summary)
         if best["final_metrics"].get(test_metric) is not None:
             print(f"  its {test_metric} {best['final_metrics'][test_metric]:.2f}")
         print(f"  best adapters: {best['checkpoint']}")
