@@ -1,21 +1,36 @@
-"""AVE (audio-visual event localisation) -> avpea-shards/1, one sample per 10 s clip.
+"""AVE (audio-visual event localisation) -> avpea-shards/1, one sample per annotation row.
 
     python -m sharding.ave --annotations Annotations.txt --splits DIR \\
         (--frames DIR --audio DIR | --videos DIR) --out URL --split train|val|test
 
 `Annotations.txt` rows are `Category&VideoID&Quality&StartTime&EndTime` (with or without a
 header row); the split lists trainSet.txt / valSet.txt / testSet.txt in --splits use the same
-format. Category index = first-appearance order in Annotations.txt; second t of the clip is
-labelled with the category if start <= t < end, else background (28). Audio: T windows of
-1 s (10 one-second windows for T=10), 102 fbank frames each.
+format and hold rows of Annotations.txt. A row is one event of one 10 s clip, and a video can
+have several rows (45 videos of the real file do, e.g. one segment labelled both "Male
+speech, man speaking" and "Female speech, woman speaking"): each row is a sample of its own,
+labelled from that row alone, as in the AVE release's labels.h5 and the loaders of AVE, CMBS
+and LAVISH, which index Annotations.txt by row. Category index = first-appearance order in
+Annotations.txt; second t of the clip is labelled with the row's category if
+start <= t < end, else background (28). Audio: T windows of 1 s (10 one-second windows for
+T=10), 102 fbank frames each.
+
+Sample id: `<video_id>-r<row>`, where row is the row's 0-based position among the data rows
+of Annotations.txt (header and blank lines not counted, malformed rows counted). That is the
+index the AVE release's `*_order.h5`/labels.h5 and the CMBS/LAVISH loaders use, so a sample
+maps back to them; it depends only on Annotations.txt, not on the split list, the order of
+sharding or --workers, so reruns give the same ids. The media are looked up by the video
+id (two rows of one video decode the same files) and the json keeps `video_id`.
+
+A split row that is not in Annotations.txt is skipped as `malformed_record`; a row listed
+twice (all five fields equal) is one sample, its repeats are skipped as `duplicate_key`.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 from avpea_ray.data.audio import AudioConfig
 from sharding import common, run
@@ -31,15 +46,32 @@ class MalformedRow(Exception):
     """A row that is not `Category&VideoID&Quality&StartTime&EndTime`."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
-    """One annotation row."""
+    """One annotation row; rows compare and hash by their five fields only.
+
+    Args:
+        category, video_id, quality, start, end: the fields.
+        line: 1-based line in its file (for messages; 0 when not read from a file).
+        index: 0-based position among its file's data rows (header and blank lines not
+            counted, malformed rows counted); in Annotations.txt, the row's id.
+    """
 
     category: str
     video_id: str
     quality: str
     start: float
     end: float
+    line: int = field(default=0, compare=False)
+    index: int = field(default=0, compare=False)
+
+
+def sample_id(video_id: str, row: int) -> str:
+    """The id of the sample of Annotations.txt's data row `row` (0-based): `<video_id>-r<row>`.
+
+    Unique even when ids sanitise alike (`shards.sample_key`): the key ends in `-r<row>`.
+    """
+    return f"{video_id}-r{row}"
 
 
 def _number(text: str, name: str) -> float:
@@ -87,7 +119,8 @@ def read_rows(path: str, flag: str, report: common.Report | None,
         strict: raise `StrictError` on a malformed row.
 
     Returns:
-        The rows in file order. Raises `UsageError` if the file is missing or unreadable.
+        The well-formed rows in file order, each with its `line` and `index`. Raises
+        `UsageError` if the file is missing or unreadable.
     """
     common.require_file(path, flag, "AVE rows Category&VideoID&Quality&StartTime&EndTime")
     try:
@@ -95,7 +128,7 @@ def read_rows(path: str, flag: str, report: common.Report | None,
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise common.UsageError(f"{flag}: cannot read {path} ({exc})") from None
-    rows, first = [], True
+    rows, first, index = [], True, -1
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -103,8 +136,9 @@ def read_rows(path: str, flag: str, report: common.Report | None,
             first = False
             continue
         first = False
+        index += 1  # malformed rows count too: one bad row must not renumber the rest
         try:
-            rows.append(parse_row(line))
+            rows.append(replace(parse_row(line), line=number, index=index))
         except MalformedRow as exc:
             where = f"{os.path.basename(path)}:{number}"
             if strict:
@@ -161,35 +195,52 @@ def check_media_flags(args: argparse.Namespace) -> None:
 
 
 def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
-    """Read Annotations.txt (the categories) and the split list; one record per row."""
+    """Read Annotations.txt (categories, row ids) and the split list; one record per row.
+
+    A split row whose category or whole row is not in Annotations.txt is reported as
+    `malformed_record` under `<split file>:<line>` (--strict: `StrictError`).
+    """
     check_media_flags(args)
     common.require_dir(args.splits, "--splits",
                        "the folder with trainSet.txt, valSet.txt and testSet.txt")
-    categories = category_order(read_rows(args.annotations, "--annotations", None))
+    annotations = read_rows(args.annotations, "--annotations", None)
+    categories = category_order(annotations)
     if not categories:
         raise common.UsageError(f"--annotations: {args.annotations} has no valid rows")
     category_ids = {name: i for i, name in enumerate(categories)}
+    row_ids: dict[Row, int] = {}
+    for row in annotations:
+        row_ids.setdefault(row, row.index)  # an identical repeat adds nothing: the first's id
     split_path = os.path.join(args.splits, SPLIT_FILES[args.split])
-    rows = read_rows(split_path, "--splits", report, args.strict)
+    annotations_name = os.path.basename(args.annotations)
 
-    def records() -> Iterator[run.Record]:
-        for row in rows:
-            if row.category not in category_ids:
-                yield run.Record(row.video_id, skip=common.SkipSample(
-                    "malformed_record", f"category {row.category!r} is not in "
-                                        f"{os.path.basename(args.annotations)}"))
-                continue
-            index = category_ids[row.category]
-            meta = {"video_id": row.video_id, "category": row.category,
-                    "category_index": index, "quality": row.quality, "start": row.start,
-                    "end": row.end, "labels": second_labels(index, row.start, row.end)}
-            yield run.Record(row.video_id, run.MediaJob(
-                row.video_id, meta, args.num_frames, args.image_size, AUDIO,
-                frames_dir=args.frames, audio_dir=args.audio, videos_dir=args.videos))
+    records = []
+    for row in read_rows(split_path, "--splits", report, args.strict):
+        if row.category not in category_ids:
+            problem = f"category {row.category!r} is not in {annotations_name}"
+        elif row not in row_ids:
+            problem = f"the row is not in {annotations_name} (a sample's id is its row there)"
+        else:
+            problem = None
+        if problem is not None:
+            where = f"{os.path.basename(split_path)}:{row.line}"
+            if args.strict:
+                raise common.StrictError(f"{where}: malformed_record ({problem})")
+            report.skip(where, "malformed_record", problem, kind="record")
+            continue
+        category_index, row_id = category_ids[row.category], row_ids[row]
+        item_id = sample_id(row.video_id, row_id)
+        meta = {"video_id": row.video_id, "row": row_id, "category": row.category,
+                "category_index": category_index, "quality": row.quality, "start": row.start,
+                "end": row.end, "labels": second_labels(category_index, row.start, row.end)}
+        records.append(run.Record(item_id, run.MediaJob(
+            row.video_id, meta, args.num_frames, args.image_size, AUDIO,
+            frames_dir=args.frames, audio_dir=args.audio, videos_dir=args.videos,
+            sample_id=item_id)))
 
     extra = {"categories": categories, "background_index": BACKGROUND,
              "source": "videos" if args.videos else "frames+audio"}
-    return run.Plan(records(), run.make_sample, AUDIO, extra)
+    return run.Plan(records, run.make_sample, AUDIO, extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

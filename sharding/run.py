@@ -30,7 +30,9 @@ class Record:
     """One sample-to-be from the annotations.
 
     Args:
-        item_id: the video id (its sample key is `shards.sample_key(item_id)`).
+        item_id: the sample's id, its sample key being `shards.sample_key(item_id)`: the
+            video id where a dataset has one sample per video (AVE: one per annotation row,
+            `sharding.ave.sample_id`).
         job: what `Plan.make_sample` turns into the sample (must pickle for --workers).
         skip: why the record cannot be used (the job is then ignored).
         counts: report counters to add if the record is kept (e.g. dropped empty captions).
@@ -134,7 +136,7 @@ def collect(records: Iterable[Record], report: common.Report, strict: bool
         if skip is None and key in seen_keys:
             skip = common.SkipSample("duplicate_key", "listed twice"
                                      if seen_keys[key] == record.item_id else
-                                     f"key {key} already used by video {seen_keys[key]}")
+                                     f"key {key} already used by {seen_keys[key]}")
         if skip is not None:
             skip_or_fail(report, record.item_id, skip, strict)
             continue
@@ -180,17 +182,18 @@ def shard_split(args: argparse.Namespace, dataset: str, plan: Plan, report: comm
 
 @dataclass
 class MediaJob:
-    """Everything a worker needs to build one video's sample (picklable).
+    """Everything a worker needs to build one sample from a video's media (picklable).
 
     The media come from `frames_dir/<video_id>/*.jpg` plus `audio_dir/<video_id><suffix>` (the
     first of `audio_suffixes` that exists), or from `videos_dir/<video_id>.mp4` when set.
 
     Args:
-        video_id: the sample's id.
+        video_id: whose media to decode; also the sample's id unless `sample_id` is set.
         meta: the sample's json.
         num_frames: T (frames and audio windows).
         image_size: frame side.
         audio: fbank settings.
+        sample_id: the sample's id when a video gives several samples (AVE rows).
     """
 
     video_id: str
@@ -202,6 +205,7 @@ class MediaJob:
     audio_dir: str | None = None
     audio_suffixes: tuple[str, ...] = (".wav",)
     videos_dir: str | None = None
+    sample_id: str | None = None
 
 
 def find_audio(audio_dir: str, video_id: str, suffixes: Sequence[str]) -> str:
@@ -218,7 +222,7 @@ def find_audio(audio_dir: str, video_id: str, suffixes: Sequence[str]) -> str:
 
 
 def make_sample(job: MediaJob) -> dict:
-    """Decode one video's frames and audio and encode its sample.
+    """Decode a video's frames and audio and encode the job's sample.
 
     Raises:
         common.SkipSample: missing or unreadable media.
@@ -231,4 +235,5 @@ def make_sample(job: MediaJob) -> dict:
                                     job.image_size)
         wave = common.load_audio(find_audio(job.audio_dir, job.video_id, job.audio_suffixes))
     fbank = waveform_to_windows(wave, job.num_frames, job.audio)
-    return shards.encode_sample(shards.sample_key(job.video_id), frames, fbank, job.meta)
+    return shards.encode_sample(shards.sample_key(job.sample_id or job.video_id), frames, fbank,
+                                job.meta)

@@ -588,7 +588,7 @@ def test_ave_from_mp4(tmp_path):
     out = str(tmp_path / "val")
     assert run(ave, layout.args(out, "val", mp4=True)) == 0
     report = json.loads(open(os.path.join(out, "report.json")).read())
-    assert [(s["id"], s["reason"]) for s in report["skipped"]] == [("vidC", "unreadable_video")]
+    assert [(s["id"], s["reason"]) for s in report["skipped"]] == [("vidC-r2", "unreadable_video")]
     samples = read_back(out)
     assert [s["meta"]["video_id"] for s in samples] == ["vidA", "vid-B"]
     for sample in samples:
@@ -610,13 +610,77 @@ def test_ave_missing_media_and_flags(tmp_path, capsys):
     assert run(ave, layout.args(str(out))) == 0
     report = json.loads((out / "report.json").read_text())
     assert {(s["id"], s["reason"]) for s in report["skipped"]} == {
-        ("vidC", "missing_audio"), ("vidZ", "malformed_record"),
+        ("vidC-r2", "missing_audio"), ("trainSet.txt:5", "malformed_record"),
         ("trainSet.txt:6", "malformed_record")}
     assert run(ave, layout.args(str(out), "train", "--strict")) == 1
     assert "--strict" in capsys.readouterr().err
     argv = layout.args(str(out)) + ["--videos", layout.videos]
     assert run(ave, argv) == 2
     assert "--videos" in capsys.readouterr().err
+
+
+# A video with two rows (two events, as 45 videos of the real Annotations.txt have) and the
+# same clip labelled twice with different categories over the same seconds.
+AVE_SAME_VIDEO = [("Male speech, man speaking", "vidM", "good", 5, 10),
+                  ("Church bell", "vidA", "good", 2, 5),
+                  ("Female speech, woman speaking", "vidM", "good", 5, 10),
+                  ("Church bell", "vidM", "good", 0, 3)]
+MALE, BELL, FEMALE = ([28] * 5 + [0] * 5, [28] * 2 + [1] * 3 + [28] * 5, [28] * 5 + [2] * 5)
+
+
+def _ave_line(i: int) -> str:
+    return "&".join(map(str, AVE_SAME_VIDEO[i]))
+
+
+@pytest.mark.parametrize("header,split_lines,samples,skipped", [
+    (True, [_ave_line(0), _ave_line(1), _ave_line(2)],
+     [("vidM-r0", MALE), ("vidA-r1", BELL), ("vidM-r2", FEMALE)], []),
+    # the id is the row of Annotations.txt, whatever the split list's order or header
+    (False, [_ave_line(3), _ave_line(0)],
+     [("vidM-r3", [1, 1, 1] + [28] * 7), ("vidM-r0", MALE)], []),
+    # the same row however its numbers and spaces are written
+    (True, ["Male speech, man speaking & vidM & good & 5.0 & 10"], [("vidM-r0", MALE)], []),
+    # a row listed twice is one sample
+    (True, [_ave_line(2), _ave_line(2)], [("vidM-r2", FEMALE)],
+     [("vidM-r2", "duplicate_key")]),
+    # a known category and video, but not a row of Annotations.txt
+    (True, ["Church bell&vidM&good&1&2", _ave_line(1)], [("vidA-r1", BELL)],
+     [("trainSet.txt:2", "malformed_record")]),
+])
+def test_ave_sample_per_annotation_row(tmp_path, header, split_lines, samples, skipped):
+    layout = media.make_ave(str(tmp_path), AVE_SAME_VIDEO, {}, header=header)
+    with open(os.path.join(layout.splits, "trainSet.txt"), "w") as f:
+        f.write("\n".join(([media.AVE_HEADER] if header else []) + split_lines) + "\n")
+    out = str(tmp_path / "out")
+    assert run(ave, layout.args(out)) == 0
+    written = read_back(out)
+    assert [(s["key"], s["meta"]["labels"]) for s in written] == samples
+    for s in written:
+        assert s["key"] == f"{s['meta']['video_id']}-r{s['meta']['row']}"
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert [(s["id"], s["reason"]) for s in report["skipped"]] == skipped
+    assert report["samples"] == len(samples)
+
+
+def test_ave_rows_of_one_video_share_its_media_and_keep_their_ids(tmp_path):
+    layout = media.make_ave(str(tmp_path), AVE_SAME_VIDEO, {"train": [0, 1, 2, 3]})
+    runs = {}
+    for name, workers in (("first", "0"), ("again", "0"), ("workers", "2")):
+        out = str(tmp_path / name)
+        assert run(ave, layout.args(out, "train", "--workers", workers)) == 0
+        runs[name] = (read_back(out), [s.keys_sha256 for s in shards.read_index(out).shards])
+    samples, keys_sha256 = runs["first"]
+    assert [s["key"] for s in samples] == ["vidM-r0", "vidA-r1", "vidM-r2", "vidM-r3"]
+    for other, other_sha256 in (runs["again"], runs["workers"]):
+        assert [s["key"] for s in other] == [s["key"] for s in samples]
+        assert other_sha256 == keys_sha256
+    rows = [s for s in samples if s["meta"]["video_id"] == "vidM"]
+    assert [s["meta"]["category"] for s in rows] == [
+        "Male speech, man speaking", "Female speech, woman speaking", "Church bell"]
+    for s in rows[1:]:  # decoded from vidM's one frame folder and WAV
+        assert torch.equal(s["frames"], rows[0]["frames"])
+        assert torch.equal(s["fbank"], rows[0]["fbank"])
+    assert validate.validate(str(tmp_path / "first")) == []
 
 
 # -- crash safety ------------------------------------------------------------------------------
