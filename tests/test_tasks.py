@@ -134,3 +134,44 @@ def test_a_task_registered_in_a_test_file_trains_through_the_real_loop(avqa_shar
     assert summary["task"] == "first-answer" and summary["evaluated_on"] == "test"
     assert 0 <= summary["metrics"]["accuracy"] <= 100
     assert summary["parameters"]["head"] == (2 * 64) * 8 + 8 + 8 * 64 + 64
+
+
+def _avqa_stage(stage: str, seed: int, **head):
+    from avpea_ray.tasks import build_model
+    from tests.toy import TINY_HEADS, tiny_backbone, tiny_config
+
+    torch.manual_seed(seed)
+    args = TINY_HEADS["avqa"] | {"stage": stage} | head
+    return build_model(tiny_config(), "avqa", args, backbone=tiny_backbone(0))
+
+
+def test_grounding_stage_weights_initialise_the_qa_stage(tmp_path):
+    """AVST's two stages: what the grounding stage trained (adapters, audio/visual projections,
+    grounding fusion, match classifier) starts the QA stage; the QA modules start fresh."""
+    from avpea_ray.model.adapter_io import AdapterMismatchError, initialise_from, save_adapters
+    from avpea_ray.train.checkpoint import read_adapter_source
+
+    grounding = _avqa_stage("grounding", seed=1)
+    with torch.no_grad():  # stand-in for training: every trainable tensor moves
+        for _, p in grounding.trainable_named_parameters():
+            p.add_(0.5)
+    save_adapters(grounding, tmp_path / "best_adapters")
+    saved, tensors = read_adapter_source(str(tmp_path / "best_adapters"))
+    assert not any(k.startswith("head.question_encoder") for k in tensors)  # frozen there: not saved
+
+    qa = _avqa_stage("qa", seed=2)
+    fresh_before = {k: v.clone() for k, v in qa.trainable_state_dict().items()}
+    loaded, fresh = initialise_from(qa, saved, tensors, "grounding run")
+    state = qa.trainable_state_dict()
+    assert set(loaded) == set(tensors) and any(k.startswith("trunk.") for k in loaded)
+    for name in loaded:
+        torch.testing.assert_close(state[name], tensors[name])
+    assert {k.split(".")[1] for k in fresh} == {"question_encoder", "audio_temporal", "visual_temporal",
+                                                "fusion", "answer_classifier"}
+    for name in fresh:
+        torch.testing.assert_close(state[name], fresh_before[name])
+
+    with pytest.raises(AdapterMismatchError, match=r"model.init_from: 'grounding run' does not fit.*head.hidden"):
+        initialise_from(_avqa_stage("qa", seed=2, hidden=64), saved, tensors, "grounding run")
+    with pytest.raises(ConfigError, match="model.init_from: .* is not an adapter directory"):
+        read_adapter_source(str(tmp_path / "nowhere"))

@@ -87,6 +87,51 @@ def saved_model_config(saved: dict[str, Any], **changes: Any) -> ModelConfig:
     return from_dict(ModelConfig, {k: v for k, v in saved["model"].items() if k in known} | changes)
 
 
+# Head arguments that change how a head trains, not what its tensors mean: a run may start
+# from adapters saved with other values (AVQA's grounding stage initialising its QA stage).
+TRAINING_ONLY_HEAD_ARGS = frozenset({"stage", "match_weight"})
+
+
+def initialise_from(model: AVPEAModel, saved: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    source: str, check_only: bool = False) -> tuple[list[str], list[str]]:
+    """Start a model from saved adapters + head (another run's `best_adapters`).
+
+    Every saved tensor goes into the model's tensor of the same name; the model's trainable
+    tensors the source does not have (e.g. the QA modules after a grounding stage) keep their
+    fresh initialisation.
+
+    Args:
+        saved: the source's `adapter_config.json`; tensors: its weights.
+        source: where they came from, for messages.
+        check_only: check the fit without copying (a model on the meta device).
+
+    Returns:
+        (the names loaded, the model's trainable names left fresh).
+
+    Raises:
+        AdapterMismatchError: another task, architecture field or head argument (other than
+            TRAINING_ONLY_HEAD_ARGS), or a saved tensor with no place of its shape in the model;
+            the message names each.
+    """
+    differences = [f"task: saved {saved['task']!r}, model {model.task!r}"] if saved["task"] != model.task else []
+    for name, value in saved_model_config(saved).architecture().items():
+        if getattr(model.config, name) != value:
+            differences.append(f"model.{name}: saved {value!r}, model {getattr(model.config, name)!r}")
+    head_args = model.head_spec.get("args", {})
+    for name in sorted((set(saved["head"]) | set(head_args)) - TRAINING_ONLY_HEAD_ARGS):
+        if saved["head"].get(name) != head_args.get(name):
+            differences.append(f"head.{name}: saved {saved['head'].get(name)!r}, model {head_args.get(name)!r}")
+    expected = model.trainable_state_dict()
+    differences += [f"tensor {k}: not trainable in this model" for k in sorted(set(tensors) - set(expected))][:4]
+    differences += [f"tensor {k}: saved {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+                    for k in sorted(set(tensors) & set(expected)) if tensors[k].shape != expected[k].shape][:4]
+    if differences:
+        raise AdapterMismatchError(f"model.init_from: {source!r} does not fit this model: " + "; ".join(differences))
+    if not check_only:
+        model.load_state_dict(tensors, strict=False)
+    return sorted(tensors), sorted(set(expected) - set(tensors))
+
+
 def load_adapters(model: AVPEAModel, directory: str | Path) -> AVPEAModel:
     """Load saved adapters + head into `model`, refusing a mismatched architecture.
 

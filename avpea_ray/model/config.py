@@ -27,6 +27,9 @@ class ModelConfig:
         adapters: which streams carry adapters: both, audio, visual, none (Table 4).
         cross_attention: the adapters' CLS cross-attention on/off.
         gating: "learned" scalar gates from 0 (paper) or "open" (fixed at 1).
+        init_from: an adapter directory (another run's `best_adapters`, local or s3://) whose
+            adapters and head start this run, e.g. AVQA's grounding stage for its QA stage;
+            "" starts from the fresh initialisation. A resume restores its own checkpoint.
     """
 
     backbone: str = "vit_base_patch16_224.augreg_in21k"
@@ -36,6 +39,7 @@ class ModelConfig:
     adapters: str = "both"
     cross_attention: bool = True
     gating: str = "learned"
+    init_from: str = ""
 
     def __post_init__(self):
         _check_choice("model.adapters", self.adapters, ADAPTER_PLACEMENTS)

@@ -241,7 +241,35 @@ def latest_intact(names: list[str], read_text: Callable[[str], str],
     return None
 
 
-__all__ = ["CheckpointDamaged", "MANIFEST", "Progress", "latest_intact", "read_checkpoint",
+def read_adapter_source(url: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter directory's `adapter_config.json` and tensors, local or in object storage
+    (`model.init_from`); JSON and safetensors only, nothing unpickled.
+
+    Raises:
+        ConfigError: naming `model.init_from` when the directory or a file is missing or of
+            another format.
+    """
+    from safetensors.torch import load as load_safetensors
+
+    from ..config import ConfigError
+    from ..data import storage
+    from ..model.adapter_io import CONFIG_NAME, FORMAT, WEIGHTS_NAME
+
+    try:
+        saved = json.loads(storage.read_bytes(storage.join(url, CONFIG_NAME)))
+        tensors = load_safetensors(storage.read_bytes(storage.join(url, WEIGHTS_NAME)))
+    except FileNotFoundError as err:
+        raise ConfigError(f"model.init_from: {url!r} is not an adapter directory (expected "
+                          f"{CONFIG_NAME} and {WEIGHTS_NAME}, e.g. a run's best_adapters/): {err}") from err
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"model.init_from: cannot read the adapters in {url!r}: {err}") from err
+    if saved.get("format") != FORMAT:
+        raise ConfigError(f"model.init_from: {url}/{CONFIG_NAME} has format {saved.get('format')!r}, "
+                          f"expected {FORMAT!r}")
+    return saved, tensors
+
+
+__all__ = ["CheckpointDamaged", "MANIFEST", "Progress", "latest_intact", "read_adapter_source", "read_checkpoint",
            "read_manifest", "rng_state", "set_rng_state", "upload_files", "verify",
            "write_checkpoint"]
 

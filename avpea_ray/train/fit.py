@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import to_dict
+from ..data import storage
 from ..tasks import get_task
 from .cluster import alive_nodes, init_ray
 from .config import TrainConfig
@@ -82,9 +83,30 @@ def fit_run(checked: Preflight, *, dry_run: bool = False, mlflow_name: str | Non
         tidy_run_folder(checked.run_url)  # a partial upload of a restarted worker group
     summary = summarize(checked, dict(result.metrics or {}), run_id, result.checkpoint,
                         time.time() - start, dry_run)
+    if not dry_run and result.checkpoint is not None:
+        summary["best_adapters"] = publish_best_adapters(result.checkpoint, checked.run_url)
     if run_id:
         finish_tracking(checked.tracking_uri, run_id, cfg, summary, result.checkpoint)
     return summary
+
+
+def publish_best_adapters(checkpoint, run_url: str) -> str | None:
+    """Copy the final checkpoint's best adapters to `<run folder>/best_adapters`, a path that
+    does not change between runs (another run's `model.init_from`, scripts). The weights go
+    first, the config last, each file atomically."""
+    from ..model.adapter_io import CONFIG_NAME
+
+    target = storage.join(run_url, "best_adapters")
+    with checkpoint.as_directory() as directory:
+        best = Path(directory) / "best_adapters"
+        if not (best / CONFIG_NAME).is_file():
+            return None
+        files = sorted(p.relative_to(best).as_posix() for p in best.rglob("*") if p.is_file())
+        for name in sorted(files, key=lambda name: name == CONFIG_NAME):  # the config last
+            if storage.is_local(target):
+                Path(storage.local_path(storage.join(target, name))).parent.mkdir(parents=True, exist_ok=True)
+            storage.upload_file(str(best / name), storage.join(target, name))
+    return target
 
 
 def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = None,

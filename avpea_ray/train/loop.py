@@ -27,10 +27,12 @@ import torch
 from ..config import from_dict
 from ..data.reader import ShardStream
 from ..data.shards import read_index
+from ..model.adapter_io import initialise_from
 from ..model.task_model import AVPEAModel
 from ..tasks import build_model, make_task, register
 from ..tasks.distributed import gather_objects, is_distributed
-from .checkpoint import Progress, latest_intact, read_checkpoint, upload_files, write_checkpoint
+from .checkpoint import (Progress, latest_intact, read_adapter_source, read_checkpoint, upload_files,
+                         write_checkpoint)
 from .config import TrainConfig
 from .tracking import MetricLogger
 
@@ -52,6 +54,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     task = make_task(cfg, read_index(cfg.data.train))
     model = build_model(cfg.model, cfg.task, task.head_args()).to(device)
+    if cfg.model.init_from:  # a resume then restores its own checkpoint over it
+        loaded, fresh = initialise_from(model, *read_adapter_source(cfg.model.init_from), cfg.model.init_from)
+        if rank == 0:
+            modules = sorted({name.split(".")[1] if name.startswith("head.") else "adapters" for name in fresh})
+            _log(rank, f"model.init_from: {len(loaded)} tensors from {cfg.model.init_from}; "
+                       f"fresh: {', '.join(modules) or 'none'}")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     optimizer = _optimizer(model, cfg)
 

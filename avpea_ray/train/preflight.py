@@ -61,6 +61,8 @@ def preflight(cfg: TrainConfig) -> Preflight:
     head_args = task.head_args()
     model = build_model(cfg.model, cfg.task, head_args, meta=True)
     task.check(model)
+    if cfg.model.init_from:
+        check_init_source(cfg.model.init_from, model)
     counts = count_parameters(model)
     check_storage(cfg.run.storage_path)
     uri = resolve_tracking_uri(cfg.run.tracking_uri, cfg.run.storage_path)
@@ -86,10 +88,23 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"model.weights: {weights!r} is not a file (expected 'timm', 'random' "
                               f"or a local .safetensors/.pth state dict)")
         weights = absolute(weights)
-    return replace(cfg, model=replace(cfg.model, weights=weights),
+    init_from = absolute(cfg.model.init_from) if cfg.model.init_from else ""
+    return replace(cfg, model=replace(cfg.model, weights=weights, init_from=init_from),
                    data=replace(data, **{name: absolute(getattr(data, name)) for name in ("train", "val", "test", "vocab")}),
                    run=replace(run, name=run.name or default_run_name(cfg),
                                storage_path=absolute(default_storage_path(run.storage_path))))
+
+
+def check_init_source(url: str, model) -> None:
+    """`model.init_from` names adapters that fit the model (built on the meta device)."""
+    from ..model.adapter_io import AdapterMismatchError, initialise_from
+    from .checkpoint import read_adapter_source
+
+    saved, tensors = read_adapter_source(url)
+    try:
+        initialise_from(model, saved, tensors, url, check_only=True)
+    except AdapterMismatchError as err:
+        raise ConfigError(str(err)) from err
 
 
 def read_indexes(cfg: TrainConfig) -> dict[str, ShardIndex]:

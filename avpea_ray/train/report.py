@@ -81,7 +81,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("run_folder"):
         lines.append(f"run folder:     {summary['run_folder']}")
     if summary.get("checkpoint"):
-        lines.append(f"best adapters:  {summary['checkpoint']}")
+        lines.append(f"best adapters:  {summary.get('best_adapters') or summary['checkpoint']}")
     if summary.get("mlflow_run_id"):
         lines.append(f"MLflow run:     {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
     lines.append(f"took {summary['seconds']:.0f} s")
