@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -407,6 +408,23 @@ def test_audio_pos_interp_reaches_the_model_from_its_config():
         default = tiny_model("avel").forward_features(frames, fbank)[1]
     assert not torch.allclose(audio, default, atol=1e-3)
 
+
+@pytest.mark.parametrize("name,frame_stats,audio_pos_interp", [
+    # the paper follows its peers' feature extraction (sec. 4): LAVISH's on the same ViTs
+    ("avel_vit_b16.yaml", "imagenet", "linear_1d"),
+    ("avel_vit_l16.yaml", "imagenet", "linear_1d"),
+    ("avqa_vit_b16.yaml", "imagenet", "linear_1d"),
+    ("avqa_vit_l16.yaml", "imagenet", "linear_1d"),
+    # the paper's AVR/AVC rows use VALOR's model and inputs: the weights' own statistics
+    ("avr_vit_b16.yaml", "timm", "bicubic_2d"),
+    ("avc_vit_b16.yaml", "timm", "bicubic_2d"),
+])
+def test_paper_configs_state_their_input_conventions(name, frame_stats, audio_pos_interp):
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    model = load_config(TrainConfig, path).model
+    assert (model.frame_stats, model.audio_pos_interp) == (frame_stats, audio_pos_interp)
+    assert re.search(rf"^  frame_stats: {frame_stats} +#", path.read_text(), re.M)  # set, with a reason
+    assert re.search(rf"^  audio_pos_interp: {audio_pos_interp} +#", path.read_text(), re.M)
 
 INPUT_CONVENTIONS = [("model.frame_stats", "timm", "imagenet"),
                      ("model.audio_pos_interp", "bicubic_2d", "linear_1d")]
