@@ -129,8 +129,8 @@ class DualStreamViT(nn.Module):
 
     def embed_visual(self, frames: torch.Tensor) -> torch.Tensor:
         """Normalised frames `(B, 3, H, W)` -> tokens `(B, N+1, D)`; the positional embedding
-        is resized 2-D bicubic (the identity at the backbone's own image size, where frames are
-        in every config), whatever `audio_pos_interp` says."""
+        is resized 2-D bicubic (the identity at the backbone's own image size, the size of the
+        shipped configs' frames), whatever `audio_pos_interp` says."""
         return self._embed(frames)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
