@@ -1,5 +1,6 @@
 """The AV-PEA model core on tiny random ViTs: identity at init, cross-attention, what trains,
-parameter counts, adapter files, weights and the audio front end."""
+parameter counts, adapter files, weights, the input conventions (frame statistics, the audio
+positional embedding) and the audio front end."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +19,17 @@ import torchaudio.compliance.kaldi as kaldi
 from safetensors.torch import save_file
 
 from avpea_ray.__main__ import main as params_main
-from avpea_ray.config import ConfigError, from_dict, load_config
+from avpea_ray.config import ConfigError, from_dict, load_config, to_dict
 from avpea_ray.model import (AVPEA, DualStreamViT, ModelConfig, WeightsError, create_backbone,
                              load_adapters, save_adapters)
 from avpea_ray.model.adapter_io import AdapterMismatchError
+from avpea_ray.model.dual_stream import resample_pos_embed_linear_1d
 from avpea_ray.data.audio import AudioConfig, waveform_to_windows, window_starts
 from avpea_ray.model.params import count_parameters
 from avpea_ray.tasks import build_model, load_model
+from avpea_ray.train.checkpoint import Progress, read_checkpoint, write_checkpoint
+from avpea_ray.train.config import TrainConfig
+from avpea_ray.train.resume import check_resume
 from tests.toy import TINY_KWARGS, TINY_VIT, clip_batch, tiny_backbone, tiny_config, tiny_model
 
 SWITCHES = [  # (adapters, cross_attention, gating): the paper's Table 4 and our extra knobs
@@ -268,6 +274,8 @@ def test_save_load_round_trip_reproduces_outputs(tmp_path, task):
     ({"adapters": "audio"}, "model.adapters: saved 'both', model 'audio'"),
     ({"cross_attention": False}, "model.cross_attention"),
     ({"backbone_kwargs": TINY_KWARGS | {"depth": 3}}, "model.backbone_kwargs"),
+    ({"frame_stats": "imagenet"}, "model.frame_stats: saved 'timm', model 'imagenet'"),
+    ({"audio_pos_interp": "linear_1d"}, "model.audio_pos_interp: saved 'bicubic_2d', model 'linear_1d'"),
 ])
 def test_mismatched_model_is_refused(tmp_path, change, message):
     save_adapters(tiny_model("avel"), tmp_path)
@@ -295,6 +303,173 @@ def test_load_model_builds_from_the_saved_config(tmp_path):
     frames, fbank = clip_batch()
     with torch.no_grad():
         assert torch.equal(model(frames, fbank)["class_logits"], loaded(frames, fbank)["class_logits"])
+
+
+# -- input conventions: frame statistics, the audio positional embedding -----------------
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# (frame_stats, (mean, std) the frames must be normalised with) for the tiny ViT, whose
+# pretrained config says (0.5, 0.5, 0.5) / (0.5, 0.5, 0.5) as the augreg_in21k ViTs' do
+FRAME_STATS = [("timm", ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))), ("imagenet", IMAGENET)]
+
+
+@pytest.mark.parametrize("frame_stats,stats", FRAME_STATS)
+def test_frames_are_normalised_with_the_chosen_statistics(frame_stats, stats):
+    assert tiny_backbone().pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    trunk = DualStreamViT(tiny_backbone(), reduction_factor=8, frame_stats=frame_stats)
+    pixels = [[0, 255], [51, 102], [204, 153]]  # one 1x2 image, per channel
+    frames = torch.tensor(pixels, dtype=torch.uint8).view(1, 3, 1, 2)
+    (mean, std) = stats
+    expected = [[(v / 255 - mean[c]) / std[c] for v in row] for c, row in enumerate(pixels)]
+    torch.testing.assert_close(trunk.normalize_frames(frames).view(3, 2), torch.tensor(expected))
+
+
+def test_frame_statistics_differ_and_reach_the_model_from_its_config():
+    frames = clip_batch()[0]
+    normalised = {}
+    for frame_stats, (mean, _) in FRAME_STATS:
+        model = tiny_model("avel", frame_stats=frame_stats)
+        assert model.trunk.frame_mean.flatten().tolist() == pytest.approx(mean)
+        normalised[frame_stats] = model.trunk.normalize_frames(frames.flatten(0, 1))
+    assert not torch.allclose(normalised["timm"], normalised["imagenet"], atol=0.1)
+
+
+def _linear_by_hand(sequence: torch.Tensor, length: int) -> torch.Tensor:
+    """`(L, D)` -> `(length, D)`: output i reads source position (i + 0.5) L / length - 0.5,
+    clamped to [0, L - 1], between its two neighbours (F.interpolate's "linear" with
+    align_corners False)."""
+    size = sequence.shape[0]
+    rows = []
+    for i in range(length):
+        x = min(max((i + 0.5) * size / length - 0.5, 0.0), size - 1.0)
+        left = int(x)
+        right = min(left + 1, size - 1)
+        rows.append((1 - (x - left)) * sequence[left] + (x - left) * sequence[right])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("size,length", [
+    (197, 49),   # ViT-B/16 at 224 -> a 102 x 128 AVE spectrogram (6 x 8 patches + CLS)
+    (197, 97),   # -> a 192 x 128 MUSIC-AVQA spectrogram (12 x 8 + CLS)
+    (5, 7),      # the tiny test ViT (2 x 2 + CLS) -> 48 x 32 (3 x 2 + CLS)
+    (17, 97),    # the demo's ViT at 64 px (4 x 4 + CLS) -> 192 x 128
+    (197, 197),  # the same length: the identity
+])
+def test_linear_1d_resamples_the_whole_sequence_linearly(size, length):
+    pos_embed = torch.randn(1, size, 6, generator=torch.Generator().manual_seed(size + length))
+    resampled = resample_pos_embed_linear_1d(pos_embed, length)
+    # F.interpolate computes the source positions in float32: differences of ~1e-5
+    torch.testing.assert_close(resampled[0], _linear_by_hand(pos_embed[0], length), rtol=0, atol=1e-4)
+    if size == length:
+        assert resampled is pos_embed
+    if (size, length) == (197, 49):  # the CLS slot: a blend of patches 0 and 1, not its own
+        torch.testing.assert_close(resampled[0, 0], (1 - 0.5102) * pos_embed[0, 1] + 0.5102 * pos_embed[0, 2],
+                                   rtol=0, atol=1e-3)
+
+
+def test_audio_tokens_get_the_chosen_positional_embedding():
+    backbone = tiny_backbone()
+    audio = torch.randn(2, 1, 48, 32, generator=torch.Generator().manual_seed(3))  # 3 x 2 patches
+    patches = backbone.patch_embed.proj(audio.expand(-1, 3, -1, -1)).flatten(2).transpose(1, 2)
+    tokens = torch.cat([backbone.cls_token.expand(2, -1, -1), patches], 1)
+    frames = _inputs()[0]
+    embedded, visual = {}, {}
+    for interp in ("bicubic_2d", "linear_1d"):
+        trunk = DualStreamViT(backbone, reduction_factor=8, audio_pos_interp=interp).eval()
+        with torch.no_grad():
+            embedded[interp], visual[interp] = trunk.embed_audio(audio), trunk.embed_visual(frames)
+    with torch.no_grad():
+        by_hand = tokens + _linear_by_hand(backbone.pos_embed[0], 7)  # 2 x 2 + CLS -> 3 x 2 + CLS
+    torch.testing.assert_close(embedded["linear_1d"], by_hand, rtol=0, atol=1e-4)
+    assert not torch.allclose(embedded["linear_1d"], embedded["bicubic_2d"], atol=1e-3)
+    assert torch.equal(visual["linear_1d"], visual["bicubic_2d"])  # the visual stream: not affected
+
+
+@pytest.mark.parametrize("interp", ["bicubic_2d", "linear_1d"])
+@pytest.mark.parametrize("backbone,kwargs,spectrogram,tokens", [
+    ("vit_base_patch16_224.augreg_in21k", {}, (102, 128), 1 + 6 * 8),     # AVE
+    ("vit_base_patch16_224.augreg_in21k", {}, (192, 128), 1 + 12 * 8),    # MUSIC-AVQA
+    ("vit_base_patch16_224", {"depth": 4, "embed_dim": 96, "num_heads": 3, "img_size": 64},
+     (192, 128), 1 + 12 * 8),                                             # the demo's ViT
+])
+def test_audio_token_shapes(interp, backbone, kwargs, spectrogram, tokens):
+    with torch.device("meta"):
+        trunk = DualStreamViT(backbone, 8, audio_pos_interp=interp, **kwargs)
+        audio = trunk.embed_audio(torch.empty(2, 1, *spectrogram))
+    assert audio.shape == (2, tokens, trunk.dim)
+
+
+def test_audio_pos_interp_reaches_the_model_from_its_config():
+    model = tiny_model("avel", audio_pos_interp="linear_1d")
+    assert model.trunk.audio_pos_interp == "linear_1d"
+    frames, fbank = clip_batch()
+    with torch.no_grad():
+        audio = model.forward_features(frames, fbank)[1]
+        default = tiny_model("avel").forward_features(frames, fbank)[1]
+    assert not torch.allclose(audio, default, atol=1e-3)
+
+
+@pytest.mark.parametrize("name,frame_stats,audio_pos_interp", [
+    # the paper follows its peers' feature extraction (sec. 4): LAVISH's on the same ViTs
+    ("avel_vit_b16.yaml", "imagenet", "linear_1d"),
+    ("avel_vit_l16.yaml", "imagenet", "linear_1d"),
+    ("avqa_vit_b16.yaml", "imagenet", "linear_1d"),
+    ("avqa_vit_l16.yaml", "imagenet", "linear_1d"),
+    # the paper's AVR/AVC rows use VALOR's model and inputs: the weights' own statistics
+    ("avr_vit_b16.yaml", "timm", "bicubic_2d"),
+    ("avc_vit_b16.yaml", "timm", "bicubic_2d"),
+])
+def test_paper_configs_state_their_input_conventions(name, frame_stats, audio_pos_interp):
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    model = load_config(TrainConfig, path).model
+    assert (model.frame_stats, model.audio_pos_interp) == (frame_stats, audio_pos_interp)
+    assert re.search(rf"^  frame_stats: {frame_stats} +#", path.read_text(), re.M)  # set, with a reason
+    assert re.search(rf"^  audio_pos_interp: {audio_pos_interp} +#", path.read_text(), re.M)
+
+INPUT_CONVENTIONS = [("model.frame_stats", "timm", "imagenet"),
+                     ("model.audio_pos_interp", "bicubic_2d", "linear_1d")]
+
+
+@pytest.mark.parametrize("field,default,other", INPUT_CONVENTIONS)
+def test_resume_with_other_input_conventions_is_refused(tmp_path, field, default, other):
+    name = field.split(".")[1]
+    # the run-level check: the saved run config against the new one
+    saved = {"config": to_dict(from_dict(TrainConfig, {"task": "avel", "model": {name: default}})),
+             "data_ids": {}}
+    new = to_dict(from_dict(TrainConfig, {"task": "avel", "model": {name: other}}))
+    with pytest.raises(ConfigError, match=re.escape(f"{field}: {default!r} -> {other!r}")):
+        check_resume(saved, new, {})
+    # a run saved before the field existed used the default: that is no change, another value is
+    del saved["config"]["model"][name]
+    assert check_resume(saved, to_dict(from_dict(TrainConfig, {"task": "avel"})), {}) == {}
+    with pytest.raises(ConfigError, match=re.escape(f"{field}: None -> {other!r}")):
+        check_resume(saved, new, {})
+    # the checkpoint-level check: its adapters into a model with the other value
+    model = tiny_model("avqa")
+    optimizer = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    write_checkpoint(tmp_path / "ckpt", rank=0, world_size=1, model=model, config={}, optimizer=optimizer,
+                     scheduler=scheduler, progress=Progress(epoch=0, batches_in_epoch=1, global_step=1, best_score=0.5, best_epoch=0),
+                     reader_state={}, best_state=None)
+    other_model = tiny_model("avqa", **{name: other})
+    with pytest.raises(AdapterMismatchError, match=re.escape(f"{field}: saved {default!r}, model {other!r}")):
+        read_checkpoint(tmp_path / "ckpt", rank=0, model=other_model, optimizer=optimizer, scheduler=scheduler)
+
+
+@pytest.mark.parametrize("field,default,other", INPUT_CONVENTIONS)
+def test_adapters_saved_before_the_input_conventions_existed(tmp_path, field, default, other):
+    """Such adapters were trained with the defaults: they load into a default model and are
+    refused by one with the other value."""
+    name = field.split(".")[1]
+    save_adapters(tiny_model("avel"), tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["model"][name] == default
+    del config["model"][name]
+    config_file.write_text(json.dumps(config))
+    load_adapters(tiny_model("avel", seed=1), tmp_path)
+    with pytest.raises(AdapterMismatchError, match=re.escape(f"{field}: saved {default!r}, model {other!r}")):
+        load_adapters(tiny_model("avel", **{name: other}), tmp_path)
 
 
 # -- weights -----------------------------------------------------------------------------
@@ -370,6 +545,9 @@ def test_audio_front_end_refuses_stereo():
     ({"adapters": "left"}, "model.adapters must be one of"),
     ({"audio": {"mean": -4.0}}, "unknown config key audio"),  # the shard index records it
     ({"cross_attention": 1}, "cross_attention must be true or false"),
+    ({"frame_stats": "inception"}, "model.frame_stats must be one of ['timm', 'imagenet'], got 'inception'"),
+    ({"audio_pos_interp": "bilinear"},
+     "model.audio_pos_interp must be one of ['bicubic_2d', 'linear_1d'], got 'bilinear'"),
 ])
 def test_model_config_errors_name_the_field(data, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

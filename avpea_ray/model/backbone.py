@@ -15,6 +15,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ..config import ConfigError
@@ -111,9 +112,28 @@ def _create_pretrained_from_timm(name: str, **kwargs) -> nn.Module:
         ) from err
 
 
-def frame_normalization(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std the backbone's pretrained config says its input frames were normalised with."""
+FRAME_STATS = ("timm", "imagenet")
+
+
+def frame_normalization(backbone: nn.Module,
+                        stats: str = "timm") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std that input frames in [0, 1] are normalised with.
+
+    Args:
+        backbone: the timm ViT.
+        stats: "timm": what the backbone's pretrained config says its training images were
+            normalised with ((0.5, 0.5, 0.5) / (0.5, 0.5, 0.5) for the augreg ViTs), ImageNet's
+            when it says nothing; "imagenet": ImageNet's (0.485, 0.456, 0.406) /
+            (0.229, 0.224, 0.225) whatever the config says (LAVISH's data loaders).
+
+    Raises:
+        ValueError: `stats` is not one of FRAME_STATS.
+    """
+    if stats == "imagenet":
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if stats != "timm":
+        raise ValueError(f"frame_stats must be one of {list(FRAME_STATS)}, got {stats!r}")
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    mean = tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
     return mean, std

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..config import ConfigError
 from .adapter import GATINGS
-from .dual_stream import ADAPTER_PLACEMENTS
+from .backbone import FRAME_STATS
+from .dual_stream import ADAPTER_PLACEMENTS, AUDIO_POS_INTERPS
 
 
 @dataclass
@@ -27,6 +28,19 @@ class ModelConfig:
         adapters: which streams carry adapters: both, audio, visual, none (Table 4).
         cross_attention: the adapters' CLS cross-attention on/off.
         gating: "learned" scalar gates from 0 (paper) or "open" (fixed at 1).
+        frame_stats: the mean/std uint8 frames are normalised with after scaling to [0, 1]:
+            "timm" (default): the backbone's pretrained config ((0.5, 0.5, 0.5) /
+            (0.5, 0.5, 0.5) for the augreg_in21k ViTs, what their weights were trained on);
+            "imagenet": ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), what LAVISH's
+            data loaders use with the same ViTs.
+        audio_pos_interp: how the positional embedding is fitted to a spectrogram's patch
+            grid (e.g. 6 x 8 for 102 x 128 at patch 16; the visual stream is not affected):
+            "bicubic_2d" (default): the 14 x 14 patch grid resized 2-D bicubic to the
+            spectrogram's grid, the CLS token keeping its own embedding (timm's
+            dynamic-size path); "linear_1d": LAVISH's: the stored sequence, CLS slot
+            included (197 for a 224/16 ViT), resampled 1-D linearly (align_corners False) to
+            the 1 + M tokens, the identity when the lengths match
+            (`dual_stream.resample_pos_embed_linear_1d`).
         init_from: an adapter directory (another run's `best_adapters`, local or s3://) whose
             adapters and head start this run, e.g. AVQA's grounding stage for its QA stage;
             "" starts from the fresh initialisation. A resume restores its own checkpoint.
@@ -39,17 +53,23 @@ class ModelConfig:
     adapters: str = "both"
     cross_attention: bool = True
     gating: str = "learned"
+    frame_stats: str = "timm"
+    audio_pos_interp: str = "bicubic_2d"
     init_from: str = ""
 
     def __post_init__(self):
         _check_choice("model.adapters", self.adapters, ADAPTER_PLACEMENTS)
         _check_choice("model.gating", self.gating, GATINGS)
+        _check_choice("model.frame_stats", self.frame_stats, FRAME_STATS)
+        _check_choice("model.audio_pos_interp", self.audio_pos_interp, AUDIO_POS_INTERPS)
         _check_positive("model.reduction_factor", self.reduction_factor)
 
     # Fields that change the trained parameters' shapes or meaning: a resume or an adapter
-    # load refuses a model that differs in any of them.
+    # load refuses a model that differs in any of them. The input conventions belong here: the
+    # adapters were trained on tokens made with them, and the same weights on other inputs
+    # would silently compute something else.
     ARCHITECTURE_FIELDS = ("backbone", "backbone_kwargs", "reduction_factor", "adapters",
-                           "cross_attention", "gating")
+                           "cross_attention", "gating", "frame_stats", "audio_pos_interp")
 
     def architecture(self) -> dict[str, Any]:
         """The fields that must match for saved adapters to fit."""

@@ -7,20 +7,23 @@ The two streams advance block by block in lockstep. In block l each stream compu
 
 with the frozen block's own norms, layer scales and drop paths. Audio spectrograms (time x mel)
 go through the ViT's own patch embedding (the one input channel stands for the three RGB
-channels the convolution expects) with the positional embedding resized to their patch grid.
+channels the convolution expects) with the positional embedding resized to their patch grid
+(2-D bicubic by default, or LAVISH's 1-D linear resampling of the sequence: `audio_pos_interp`).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from ..config import ConfigError
 
 from .adapter import AVPEA, check_reduction_factor
-from .backbone import create_backbone, frame_normalization
+from .backbone import FRAME_STATS, create_backbone, frame_normalization
 
 ADAPTER_PLACEMENTS = ("both", "audio", "visual", "none")  # the paper's Table 4
+AUDIO_POS_INTERPS = ("bicubic_2d", "linear_1d")
 
 
 class DualStreamViT(nn.Module):
@@ -32,6 +35,10 @@ class DualStreamViT(nn.Module):
         adapters: "both", "audio", "visual" or "none": which streams carry adapters.
         cross_attention: False turns the adapters' CLS cross-attention off.
         gating: "learned" (paper) or "open" (gates fixed at 1).
+        frame_stats: the mean/std `normalize_frames` uses: "timm" (the backbone's pretrained
+            config) or "imagenet" (LAVISH's); see `frame_normalization`.
+        audio_pos_interp: how the positional embedding is fitted to a spectrogram's tokens:
+            "bicubic_2d" or "linear_1d" (LAVISH's); see `embed_audio`.
         weights: with a model name, "random", "timm" or a local file (see `create_backbone`).
         **backbone_kwargs: with a model name, passed to `timm.create_model`.
 
@@ -44,13 +51,19 @@ class DualStreamViT(nn.Module):
 
     def __init__(self, backbone: nn.Module | str, reduction_factor: int = 8, *,
                  adapters: str = "both", cross_attention: bool = True,
-                 gating: str = "learned", weights: str = "random", **backbone_kwargs):
+                 gating: str = "learned", frame_stats: str = "timm",
+                 audio_pos_interp: str = "bicubic_2d", weights: str = "random", **backbone_kwargs):
         super().__init__()
         if isinstance(backbone, str):
             backbone = create_backbone(backbone, weights=weights, **backbone_kwargs)
         _check_supported(backbone)
         if adapters not in ADAPTER_PLACEMENTS:
             raise ValueError(f"adapters must be one of {ADAPTER_PLACEMENTS}, got {adapters!r}")
+        if frame_stats not in FRAME_STATS:
+            raise ValueError(f"frame_stats must be one of {FRAME_STATS}, got {frame_stats!r}")
+        if audio_pos_interp not in AUDIO_POS_INTERPS:
+            raise ValueError(f"audio_pos_interp must be one of {AUDIO_POS_INTERPS}, "
+                             f"got {audio_pos_interp!r}")
         dim = backbone.embed_dim
         check_reduction_factor(dim, reduction_factor)
 
@@ -58,6 +71,8 @@ class DualStreamViT(nn.Module):
         self.dim = dim
         self.depth = len(backbone.blocks)
         self.adapter_placement = adapters
+        self.frame_stats = frame_stats
+        self.audio_pos_interp = audio_pos_interp
 
         def make_adapters(enabled: bool) -> nn.ModuleList:
             return nn.ModuleList(
@@ -66,7 +81,7 @@ class DualStreamViT(nn.Module):
 
         self.adapters_visual = make_adapters(adapters in ("both", "visual"))
         self.adapters_audio = make_adapters(adapters in ("both", "audio"))
-        mean, std = frame_normalization(backbone)
+        mean, std = frame_normalization(backbone, frame_stats)
         self.register_buffer("frame_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("frame_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -87,21 +102,24 @@ class DualStreamViT(nn.Module):
 
     # -- inputs --------------------------------------------------------------------------
     def normalize_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB frames `(B, 3, H, W)` in [0, 255] -> float, normalised as the backbone's
-        pretrained config says."""
+        """uint8 RGB frames `(B, 3, H, W)` in [0, 255] -> float `(x / 255 - mean) / std`, with
+        the mean/std `frame_stats` chose (the backbone's pretrained config, or ImageNet's)."""
         return (frames.float() / 255.0 - self.frame_mean) / self.frame_std
 
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+    def _embed(self, images: torch.Tensor, pos_interp: str = "bicubic_2d") -> torch.Tensor:
         """Patch-embed `(B, 3, H, W)` images and add the positional embedding resized to their
-        grid (the identity at the backbone's own image size)."""
+        patch grid, by `pos_interp` (both the identity at the backbone's own image size)."""
         bb = self.backbone
         x = bb.patch_embed.proj(images)  # no size assertion: spectrograms are not square
         grid = x.shape[-2:]
         x = bb.patch_embed.norm(x.flatten(2).transpose(1, 2))
         prefix = 0 if bb.no_embed_class else bb.num_prefix_tokens
-        pos_embed = resample_abs_pos_embed(bb.pos_embed, new_size=list(grid),
-                                           old_size=bb.patch_embed.grid_size,
-                                           num_prefix_tokens=prefix)
+        if pos_interp == "linear_1d":
+            pos_embed = resample_pos_embed_linear_1d(bb.pos_embed, prefix + grid[0] * grid[1])
+        else:
+            pos_embed = resample_abs_pos_embed(bb.pos_embed, new_size=list(grid),
+                                               old_size=bb.patch_embed.grid_size,
+                                               num_prefix_tokens=prefix)
         cls = bb.cls_token.expand(x.shape[0], -1, -1)
         if bb.no_embed_class:
             x = torch.cat((cls, x + pos_embed), dim=1)
@@ -110,13 +128,27 @@ class DualStreamViT(nn.Module):
         return bb.norm_pre(bb.patch_drop(bb.pos_drop(x)))
 
     def embed_visual(self, frames: torch.Tensor) -> torch.Tensor:
-        """Normalised frames `(B, 3, H, W)` -> tokens `(B, N+1, D)`."""
+        """Normalised frames `(B, 3, H, W)` -> tokens `(B, N+1, D)`; the positional embedding
+        is resized 2-D bicubic (the identity at the backbone's own image size, the size of the
+        shipped configs' frames), whatever `audio_pos_interp` says."""
         return self._embed(frames)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        """Spectrograms `(B, 1, time, mel)` -> tokens `(B, M+1, D)`."""
+        """Spectrograms `(B, 1, time, mel)` -> tokens `(B, M+1, D)`.
+
+        The patch embedding cuts the spectrogram into a `(time // p) x (mel // p)` grid of
+        M patches (p the patch size; 102 x 128 -> 6 x 8 = 48 at p = 16), flattened time-major.
+        The positional embedding is fitted to it as `audio_pos_interp` says:
+
+        - "bicubic_2d": the patch part, as its `h x w` grid (14 x 14 for a 224/16 ViT), is
+          resized 2-D bicubic to the spectrogram's grid; the CLS token keeps its own
+          embedding (timm's `resample_abs_pos_embed`, as timm's `dynamic_img_size` does).
+        - "linear_1d": the whole stored embedding, CLS slot included (1 + 196 = 197 for a
+          224/16 ViT), is resampled as one sequence to the 1 + M tokens (see
+          `resample_pos_embed_linear_1d`), as LAVISH does.
+        """
         in_chans = self.backbone.patch_embed.proj.in_channels
-        return self._embed(audio.expand(-1, in_chans, -1, -1))
+        return self._embed(audio.expand(-1, in_chans, -1, -1), self.audio_pos_interp)
 
     # -- forward -------------------------------------------------------------------------
     def forward_features(self, frames: torch.Tensor,
@@ -141,6 +173,24 @@ class DualStreamViT(nn.Module):
             visual = _block_with_adapter(block, visual, visual_adapter)
             sound = _block_with_adapter(block, sound, audio_adapter)
         return self.backbone.norm(visual), self.backbone.norm(sound)
+
+
+def resample_pos_embed_linear_1d(pos_embed: torch.Tensor, length: int) -> torch.Tensor:
+    """A positional embedding `(1, L, D)` resampled along its token axis to `(1, length, D)`.
+
+    LAVISH's audio positional embedding (GenjiB/LAVISH AVE/nets/my_vit.py, `forward_patch`):
+    `F.interpolate` over the sequence, mode "linear", align_corners False, applied to the whole
+    stored sequence when its length differs from the tokens', else the identity. The 2-D layout
+    of the patch positions is not used, and with a CLS slot stored first (timm's standard ViT)
+    the CLS token does not keep its own embedding: output i reads source position
+    `(i + 0.5) * L / length - 0.5` (clamped at 0), so for 197 -> 49 tokens (a 102 x 128
+    spectrogram) the CLS token gets 0.49 of patch 0's and 0.51 of patch 1's embedding.
+    """
+    if pos_embed.shape[1] == length:
+        return pos_embed
+    resized = F.interpolate(pos_embed.float().transpose(1, 2), size=length, mode="linear",
+                            align_corners=False)
+    return resized.transpose(1, 2).to(pos_embed.dtype)
 
 
 def _block_with_adapter(block: nn.Module, x: torch.Tensor,

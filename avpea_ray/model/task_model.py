@@ -41,6 +41,7 @@ class AVPEAModel(nn.Module):
             backbone if backbone is not None else config.backbone,
             config.reduction_factor, adapters=config.adapters,
             cross_attention=config.cross_attention, gating=config.gating,
+            frame_stats=config.frame_stats, audio_pos_interp=config.audio_pos_interp,
             weights=config.weights, **config.backbone_kwargs)
         self.head = head if isinstance(head, nn.Module) else head(self.trunk.dim)
 
