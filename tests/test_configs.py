@@ -91,6 +91,26 @@ def test_paper_settings(name):
     assert paper_number in path.read_text()
 
 
+@pytest.mark.parametrize("size", ["b16", "l16"])
+def test_avqa_paper_configs_chain_avsts_two_stages(size):
+    """The QA stage starts from the grounding stage's published best adapters, and the two
+    build the same model (what `model.init_from` requires before any worker starts)."""
+    from avpea_ray.data import storage
+    from avpea_ray.model.adapter_io import TRAINING_ONLY_HEAD_ARGS
+
+    grounding = load_config(TrainConfig, CONFIG_DIR / f"avqa_grounding_vit_{size}.yaml")
+    qa = load_config(TrainConfig, CONFIG_DIR / f"avqa_vit_{size}.yaml")
+    assert (grounding.head.stage, qa.head.stage) == ("grounding", "qa")
+    assert grounding.model.init_from == ""
+    assert qa.model.init_from == storage.join(grounding.run.storage_path,
+                                              f"{grounding.run.name}/best_adapters")
+    assert grounding.model.architecture() == qa.model.architecture()
+    same = lambda cfg: {k: v for k, v in to_dict(cfg)["head"].items() if k not in TRAINING_ONLY_HEAD_ARGS}
+    assert same(grounding) == same(qa)
+    assert grounding.data == qa.data and grounding.data.batch_size >= 2
+    assert grounding.run.name != qa.run.name
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_the_sharder_writes_the_papers_audio(name):
     """The fbank windows a config's shards hold (recorded in their index, the one record of
