@@ -33,8 +33,8 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m avpea_ray", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m avpea_ray") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     params = commands.add_parser("params", help="parameter counts of a model (no weights needed)")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .tasks import get_task
+from .tasks import TASKS, get_task
 from .train.config import TrainConfig
 
 DEMO_DATA = "demo_data"
@@ -26,8 +26,11 @@ DEMO_NOTICE = ("demo mode: synthetic data in {data}, a tiny random-weight ViT ({
                "local shards and a local MLflow store (pass --config for real runs)")
 
 
-def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool = False) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description,
+def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool = False,
+                   prog: str | None = None, task_flag: bool = False) -> argparse.Namespace:
+    """The jobs' flags. `task_flag`: a `--task` that picks the demo when there is no --config
+    (`avpea-ray train`; each `jobs/<task>.py` knows its task)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. model.reduction_factor=16 optim.epochs=3")
@@ -43,8 +46,14 @@ def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool 
         parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
         parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
         parser.add_argument("--run-name", help="stable run name: the same name again resumes the run")
+        parser.add_argument("--verbose", action="store_true",
+                            help="also show Ray Train's per-report lines (run.verbose)")
         parser.add_argument("--dry-run", action="store_true",
                             help="one train and one eval batch end to end; checks storage and tracking")
+        if task_flag:
+            parser.add_argument("--task", choices=sorted(TASKS), default="avqa",
+                                help="without --config: whose demo config to run (default avqa); "
+                                     "with --config the config's `task` decides")
     return parser.parse_intermixed_args(argv)
 
 
@@ -55,6 +64,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, object]:
              "run.num_workers": getattr(args, "num_workers", None),
              "run.name": getattr(args, "run_name", None),
              "run.use_gpu": True if getattr(args, "use_gpu", False) else None,
+             "run.verbose": True if getattr(args, "verbose", False) else None,
              "sweep.name": getattr(args, "name", None),
              "sweep.max_concurrent_trials": getattr(args, "max_concurrent_trials", None)}
     return {k: v for k, v in flags.items() if v is not None}
@@ -74,11 +84,16 @@ def uses_demo_data(train: str) -> bool:
     return "://" not in train and Path(train).parts[:1] == (DEMO_DATA,)
 
 
-def run_job(task: str, description: str, argv: list[str] | None = None,
+def run_job(task: str | None, description: str, argv: list[str] | None = None,
             configs: str | Path | None = None,
-            build_demo_data: Callable[[str], object] | None = None) -> int:
-    """What every `jobs/<task>.py` does: parse flags, resolve the config (the task's demo config
-    from `configs` without --config), build demo data if it is used, train or resume, report.
+            build_demo_data: Callable[[str], object] | None = None, prog: str | None = None) -> int:
+    """What every `jobs/<task>.py` and `avpea-ray train` do: parse flags, resolve the config
+    (the task's demo config from `configs` without --config), build demo data if it is used,
+    train or resume, report.
+
+    Args:
+        task: the task the job trains; None: the config's (`avpea-ray train`; its `--task`
+            picks the demo without --config).
 
     Returns:
         The exit code: 0, or 2 for a user error (printed as one line naming the field).
@@ -86,12 +101,16 @@ def run_job(task: str, description: str, argv: list[str] | None = None,
     from .train.fit import run_training
     from .train.report import baseline_line, format_summary
 
-    args = parse_job_args(description, argv)
+    args = parse_job_args(description, argv, prog=prog, task_flag=task is None)
     try:
-        demo = get_task(task).demo_config
+        demo_task = task or args.task
+        demo = get_task(demo_task).demo_config
         demo_config = Path(configs) / demo if configs and demo and not args.config else None
+        if demo_config is not None and not demo_config.is_file():
+            raise ConfigError(f"--config: no config given and the demo config {demo_config} is not there "
+                              f"(the demo configs ship with the repository's configs/)")
         cfg, uses_demo = resolve_config(args, demo_config)
-        if cfg.task != task:
+        if task is not None and cfg.task != task:
             raise ConfigError(f"task: jobs/{task}.py trains task {task!r}, the config says {cfg.task!r}")
         prepare_demo(cfg, uses_demo, demo_config, build_demo_data)
         summary = run_training(cfg, dry_run=args.dry_run)
@@ -109,14 +128,14 @@ def run_job(task: str, description: str, argv: list[str] | None = None,
 
 
 def run_sweep_job(description: str, argv: list[str] | None = None, demo_config: str | Path | None = None,
-                  build_demo_data: Callable[[str], object] | None = None) -> int:
+                  build_demo_data: Callable[[str], object] | None = None, prog: str | None = None) -> int:
     """What `jobs/sweep.py` does: the sweep file (the demo sweep without --config), demo data
     if used, the sweep, its report. Exit 1 when a trial failed or the sweep was interrupted."""
     from .tune.config import load_sweep_config
     from .tune.report import report_sweep
     from .tune.sweep import run_sweep
 
-    args = parse_job_args(description, argv, sweep=True)
+    args = parse_job_args(description, argv, sweep=True, prog=prog)
     try:
         cfg, sweep = load_sweep_config(args.config or demo_config, args.overrides, values=flag_values(args))
         prepare_demo(cfg, uses_demo_data(cfg.data.train), None if args.config else demo_config, build_demo_data)

@@ -176,8 +176,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                                          "(instead of --frames and --audio)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return run.build_parser("python -m sharding.ave", __doc__, add_args)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    return run.build_parser(prog or "python -m sharding.ave", __doc__, add_args)
 
 
 def check_media_flags(args: argparse.Namespace) -> None:
@@ -243,9 +243,9 @@ def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
     return run.Plan(records, run.make_sample, AUDIO, extra)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Shard one AVE split. Returns the exit code (see common.run_main)."""
-    return run.main(DATASET, build_parser(), plan, argv)
+    return run.main(DATASET, build_parser(prog), plan, argv)
 
 
 if __name__ == "__main__":

@@ -106,8 +106,8 @@ def ensure_demo_data(task: str, root: str | Path = "demo_data",
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sharding.demo",
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog or "python -m sharding.demo",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", required=True, choices=sorted(DEMOS))
     ap.add_argument("--root", default="demo_data", help="demo folder (default %(default)s)")

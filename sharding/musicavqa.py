@@ -207,8 +207,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio", required=True, help="directory of <video_id>.wav files")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return run.build_parser("python -m sharding.musicavqa", __doc__, add_args)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    return run.build_parser(prog or "python -m sharding.musicavqa", __doc__, add_args)
 
 
 def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
@@ -248,9 +248,9 @@ def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
     return run.Plan(records, run.make_sample, AUDIO, extra, finish)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Shard one MUSIC-AVQA split. Returns the exit code (see common.run_main)."""
-    return run.main(DATASET, build_parser(), plan, argv)
+    return run.main(DATASET, build_parser(prog), plan, argv)
 
 
 if __name__ == "__main__":

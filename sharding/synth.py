@@ -461,8 +461,8 @@ def media_kwargs(args: argparse.Namespace) -> dict:
             "texture": args.texture, "workers": args.workers}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m sharding.synth",
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=prog or "python -m sharding.synth",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--videos-train", type=int, default=240)

@@ -90,8 +90,8 @@ def write_dataset(out: str, num_videos: dict[str, int], *, seed: int = 0,
     return scenes
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m sharding.synth_ave",
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=prog or "python -m sharding.synth_ave",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     synth.add_split_args(ap, "clips")

@@ -224,8 +224,8 @@ def write_dataset(out: str, num_videos: dict[str, int], *, seed: int = 0, second
     return captions
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m sharding.synth_valor",
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=prog or "python -m sharding.synth_valor",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     synth.add_split_args(ap, "videos")

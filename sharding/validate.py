@@ -268,9 +268,9 @@ def layout_warnings(index: shards.ShardIndex, ranks: int = 1,
             f"no error); a smaller --max-shard-bytes gives every reader its own shard"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Validate a split; print problems (or a one-line OK). Returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m sharding.validate", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog or "python -m sharding.validate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", help="the split's directory/prefix (or its shards.json)")
     parser.add_argument("--ranks", type=common.positive_int, default=1,

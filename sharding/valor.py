@@ -201,8 +201,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="directory of <video_id>.wav|.flac|.mp3|.m4a files")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return run.build_parser("python -m sharding.valor", __doc__, add_args)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    return run.build_parser(prog or "python -m sharding.valor", __doc__, add_args)
 
 
 def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
@@ -236,9 +236,9 @@ def plan(args: argparse.Namespace, report: common.Report) -> run.Plan:
     return run.Plan(records(), run.make_sample, AUDIO, {"vocab": VOCAB_NAME}, finish)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Shard one VALOR-32K split. Returns the exit code (see common.run_main)."""
-    return run.main(DATASET, build_parser(), plan, argv)
+    return run.main(DATASET, build_parser(prog), plan, argv)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,8 @@ class RunConfig:
         experiment: MLflow experiment name.
         log_every_steps: per-step metrics cadence.
         sample_ledger: write the sample ids each rank trains on per step (resume tests, audits).
+        verbose: show Ray Train's own per-report lines (each report's full metric dict), which
+            the console leaves out by default (`--verbose`).
         fail_at_step: fault injection for tests: rank `fail_rank` kills itself once at this
             global step (0: never).
         fail_in_checkpoint_at_step: fault injection for tests: rank `fail_rank` kills itself
@@ -150,6 +152,7 @@ class RunConfig:
     experiment: str = "avpea-ray"
     log_every_steps: int = 10
     sample_ledger: bool = False
+    verbose: bool = False
     fail_at_step: int = 0
     fail_in_checkpoint_at_step: int = 0
     pause_at_step: int = 0

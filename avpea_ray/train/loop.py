@@ -42,6 +42,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     task class, "mlflow": {"uri", "run_id"}, "dry_run": bool}."""
     register(loop_config["task"])
     cfg: TrainConfig = from_dict(TrainConfig, loop_config["config"])
+    if not cfg.run.verbose:
+        _quiet_ray_report_dumps()
     dry_run = loop_config.get("dry_run", False)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -390,6 +392,22 @@ def _maybe_inject_failure(cfg: TrainConfig, rank: int, global_step: int,
 
 
 _logger = logging.getLogger("avpea_ray.train")
+
+
+class _DropReportDumps(logging.Filter):
+    """Ray Train logs every `ray.train.report` in the worker at INFO with the whole metric
+    dict ("Reporting training result N: TrainingReport(...metrics={...})"); the loop prints
+    its own one-line summaries instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Reporting training result")
+
+
+def _quiet_ray_report_dumps() -> None:
+    # On the root logger's handlers: Ray's logger for it is named by its file path, not "ray.*".
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropReportDumps) for f in handler.filters):
+            handler.addFilter(_DropReportDumps())
 
 
 def _log(rank: int, message: str) -> None:
