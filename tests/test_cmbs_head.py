@@ -22,6 +22,9 @@ from avpea_ray.tasks import build_model
 from avpea_ray.train.config import TrainConfig
 from tests.toy import clip_batch, tiny_model
 
+# Toy tensors: extra intra-op threads only spin-wait on a busy 2-core box.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 AVE_CLASSES = 28
 # Trunk width, patch tokens of a 224 px frame, tokens of a 1 s / 102-frame fbank window.
 PAPER_WIDTHS = {"ViT-B/16": (768, 196, 48), "ViT-L/16": (1024, 196, 48)}
@@ -217,8 +220,8 @@ def test_toy_cmbs_overfits_four_clips():
     head = toy_head(dropout=0.0)
     labels = torch.tensor([[BG, 0, 0, BG], [1, 1, 1, 1], [BG, BG, 2, 2], [BG, 3, BG, BG]])
     visual, audio = toy_tokens(4, 4, seed=5)
-    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
-    for _ in range(80):
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(60):  # exact from step ~40 on (seeds 0-2)
         optimizer.zero_grad()
         loss, _ = head.loss(head(visual, audio), labels)
         loss.backward()
