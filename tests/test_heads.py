@@ -1,4 +1,5 @@
-"""Tests of the AVQA (AVST-style) and AVEL (CMBS-style) heads and their metrics.
+"""Tests of the AVQA (AVST-style) and compact AVEL (CMBS-style) heads and their metrics (CMBS's
+own head: tests/test_cmbs_head.py).
 
 Tiny dimensions throughout: D=64 tokens, head width 32, a few patches and time steps.
 """
@@ -12,8 +13,8 @@ import torch
 from avpea_ray.heads import (
     GROUPS,
     QUESTION_TYPES,
-    AVELHead,
     AVQAHead,
+    CompactAVELHead,
     avel_predict,
     avqa_accuracies,
     avqa_counts,
@@ -47,9 +48,9 @@ def avqa_head(**kwargs) -> AVQAHead:
     return AVQAHead(DIM, VOCAB, num_answers=ANSWERS, hidden=HIDDEN, **kwargs)
 
 
-def avel_head() -> AVELHead:
+def avel_head() -> CompactAVELHead:
     torch.manual_seed(0)
-    return AVELHead(DIM, num_classes=CLASSES, hidden=HIDDEN)
+    return CompactAVELHead(DIM, num_classes=CLASSES, hidden=HIDDEN)
 
 
 # ----------------------------------------------------------------------------- AVQA head

@@ -1,28 +1,36 @@
-"""AVEL head for AVE in the style of CMBS (Xia & Zhao 2022) and its metrics.
+"""AVE event localisation heads and the CMBS prediction rule.
 
-Per second t the trunk gives one frame's tokens and one audio window's tokens. The head:
+Two heads, chosen by `head.architecture` (`build_avel_head`):
 
-1. takes the audio CLS token as the second's audio feature, and builds the visual feature
-   from the visual CLS token plus an audio-guided attention over the patch tokens (CMBS
-   steers its visual features with the audio the same way, over a CNN feature map);
-2. models time with one bidirectional LSTM per modality;
-3. lets each modality attend to the other across the T seconds (residual + LayerNorm);
-4. applies CMBS's cross-modal background suppression: a per-second gate computed from one
-   modality scales the other one's features up, `x * (1 + alpha * gate)`, so a second that
-   one modality deems an event is emphasised in the other;
-5. averages the two streams and predicts, per second, event vs background and, per clip
-   (max over time), the event category.
+- "cmbs" (the paper configs): CMBS's supervised model, heads/cmbs.py `CMBSHead`.
+- "compact": a small head for demos and tests, in the style of CMBS but much shallower:
 
-Left out from CMBS: its transformer encoder/decoder depth (one attention layer per direction
-here), its class-activation top-k scores added to the clip logits, and its gate supervision.
+  1. takes the audio CLS token as the second's audio feature, and builds the visual feature
+     from the visual CLS token plus an audio-guided attention over the patch tokens (CMBS
+     steers its visual features with the audio the same way, over a CNN feature map);
+  2. models time with one bidirectional LSTM per modality;
+  3. lets each modality attend to the other across the T seconds (residual + LayerNorm);
+  4. applies CMBS's cross-modal background suppression: a per-second gate computed from one
+     modality scales the other one's features up, `x * (1 + alpha * gate)`, so a second that
+     one modality deems an event is emphasised in the other;
+  5. averages the two streams and predicts, per second, event vs background and, per clip
+     (max over time), the event category.
 
-Labels are per second with background index `num_classes` (28 for AVE).
+  Left out from CMBS: its guided attention's self-attention and channel branches, its
+  transformer encoder/decoder depth (one attention layer per direction here), its
+  class-activation top-k scores and its gate supervision.
+
+Both return "event_logits" (B, T) and "class_logits" (B, num_classes), which `avel_predict`
+turns into per-second labels. Labels are per second with background index `num_classes` (28
+for AVE).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cmbs import CMBSHead, clip_cross_entropy, event_targets
 
 
 class CrossModalAttention(nn.Module):
@@ -46,8 +54,8 @@ class CrossModalAttention(nn.Module):
         return self.norm(query + self.dropout(attended))
 
 
-class AVELHead(nn.Module):
-    """CMBS-style audio-visual event localisation head over the trunk's tokens.
+class CompactAVELHead(nn.Module):
+    """A small CMBS-style audio-visual event localisation head over the trunk's tokens.
 
     Args:
         dim: trunk token width D.
@@ -148,23 +156,15 @@ class AVELHead(nn.Module):
         event_logits, class_logits = outputs["event_logits"], outputs["class_logits"]
         if labels.shape != event_logits.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match (B, T) {tuple(event_logits.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
-            raise ValueError(f"labels must lie in 0..{self.num_classes} (background = {self.num_classes})")
-        is_event = labels != self.num_classes
+        is_event, has_event, category = event_targets(labels, self.num_classes)
         event_loss = F.binary_cross_entropy_with_logits(event_logits, is_event.to(event_logits.dtype))
-        has_event = is_event.any(dim=1)
-        # Background seconds become -1 so the max over time picks the event label.
-        category = torch.where(is_event, labels, torch.full_like(labels, -1)).max(dim=1).values
-        if has_event.any():
-            class_loss = F.cross_entropy(class_logits[has_event], category[has_event])
-        else:
-            class_loss = class_logits.sum() * 0.0
+        class_loss = clip_cross_entropy(class_logits, category, has_event)
         total = event_loss + class_loss
         return total, {"event_loss": event_loss.detach(), "class_loss": class_loss.detach()}
 
 
 def avel_predict(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-second labels by the CMBS rule.
+    """Per-second labels by the CMBS rule (supv_main.py compute_accuracy_supervised).
 
     A second is an event when sigmoid(event_logit) > 0.5 (strictly: a logit of exactly 0 is
     background); event seconds take the clip's single predicted category (argmax of
@@ -181,3 +181,27 @@ def avel_predict(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     category = class_logits.argmax(dim=-1, keepdim=True).expand_as(is_event)
     background = torch.full_like(category, class_logits.shape[-1])
     return torch.where(is_event, category, background)
+
+
+ARCHITECTURES = ("cmbs", "compact")
+# The settings only CMBSHead takes; the compact head is built without them.
+CMBS_ONLY_SETTINGS = ("gamma", "beta", "feedforward", "visual_width", "audio_width", "attention_width",
+                      "top_k")
+
+
+def build_avel_head(dim: int, num_classes: int = 28, architecture: str = "cmbs", **settings) -> nn.Module:
+    """The AVE head `architecture` names, for trunk width `dim`.
+
+    Args:
+        dim: trunk token width D.
+        num_classes: event categories; the background label is num_classes.
+        architecture: "cmbs" (CMBSHead, the paper's) or "compact" (CompactAVELHead).
+        settings: the head's keyword arguments (the `head:` config section); for "compact" the
+            CMBS-only ones (CMBS_ONLY_SETTINGS) are dropped.
+    """
+    if architecture == "cmbs":
+        return CMBSHead(dim, num_classes, **settings)
+    if architecture == "compact":
+        settings = {k: v for k, v in settings.items() if k not in CMBS_ONLY_SETTINGS}
+        return CompactAVELHead(dim, num_classes, **settings)
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")

@@ -1,40 +1,73 @@
-"""AVE event localisation: a CMBS-style head, per-second accuracy (the CMBS rule)."""
+"""AVE event localisation: CMBS's supervised model as the head, per-second accuracy (the CMBS rule)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from ..config import ConfigError
-from ..heads.avel import AVELHead, avel_predict
+from ..heads.avel import ARCHITECTURES, CMBS_ONLY_SETTINGS, avel_predict, build_avel_head
 from .base import DAMAGE_KEYS, Batch, CountEvaluator, Task, to_device
 
 
 @dataclass
 class AVELHeadConfig:
-    """`head:` for avel (CMBS's values in configs/avel_*.yaml).
+    """`head:` for avel; the defaults are CMBS's (configs/avel_*.yaml cite where each comes from).
 
     Attributes:
-        hidden: head width; even and divisible by num_heads.
-        num_heads: cross-modal attention heads.
+        architecture: "cmbs" (CMBS's supervised model, heads/cmbs.py) or "compact" (a small
+            CMBS-style head for demos and tests, heads/avel.py).
+        hidden: CMBS's d_model; even and divisible by num_heads.
+        num_heads: attention heads.
         alpha: weight of the background-suppression gate.
-        dropout: head dropout.
+        dropout: head dropout (CMBS: after its visual FC and in its guided attention).
+        gamma: cmbs only: weight of the class-activation scores in the clip's class logits.
+        beta: cmbs only: weight of the guided attention's self-attention branch.
+        feedforward: cmbs only: FFN width of the temporal encoder/decoder layers.
+        visual_width: cmbs only: channels of the visual map the patch tokens are mapped to.
+        audio_width: cmbs only: width the audio CLS token is mapped to.
+        attention_width: cmbs only: width of the guided attention's projections.
+        top_k: cmbs only: seconds averaged per class for the class-activation scores.
     """
 
+    architecture: str = "cmbs"
     hidden: int = 256
     num_heads: int = 4
     alpha: float = 0.1
-    dropout: float = 0.1
+    dropout: float = 0.2
+    gamma: float = 0.3
+    beta: float = 0.4
+    feedforward: int = 1024
+    visual_width: int = 512
+    audio_width: int = 128
+    attention_width: int = 256
+    top_k: int = 4
 
     def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"head.architecture must be one of {list(ARCHITECTURES)}, "
+                              f"got {self.architecture!r}")
         if self.num_heads < 1 or self.hidden % 2 or self.hidden % self.num_heads:
             raise ConfigError(f"head.hidden={self.hidden} must be even and divisible by "
                               f"head.num_heads={self.num_heads}")
+        if self.architecture == "compact":
+            # The compact head has none of these: a changed value would be silently ignored.
+            defaults = {f.name: f.default for f in fields(self)}
+            changed = [name for name in CMBS_ONLY_SETTINGS if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ConfigError(f"head.{changed[0]} applies to head.architecture 'cmbs' only")
+            return
+        for name in ("feedforward", "visual_width", "audio_width", "attention_width", "top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"head.{name}={getattr(self, name)} must be positive")
+        if self.visual_width % 4:
+            raise ConfigError(f"head.visual_width={self.visual_width} must be divisible by 4 "
+                              "(CMBS's query/key width is a quarter of it)")
 
 
 class AVELTask(Task):
-    """AVE: per-second event / background and the clip's category (CMBS rule).
+    """AVE: per-second event / background and the clip's category (CMBS's model and rule).
 
     AVE has 28 categories and labels background seconds 28 whatever subset a split holds,
     so the head always has 28 classes; category names (for per-class metrics) come from the
@@ -43,7 +76,7 @@ class AVELTask(Task):
 
     name = "avel"
     dataset = "ave"
-    head_class = AVELHead
+    head_class = build_avel_head
     head_config = AVELHeadConfig
     primary_metric = "accuracy"
     primary_metric_label = "AVE accuracy, %"
