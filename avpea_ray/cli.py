@@ -46,6 +46,8 @@ def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool 
         parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
         parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
         parser.add_argument("--run-name", help="stable run name: the same name again resumes the run")
+        parser.add_argument("--no-progress", action="store_true",
+                            help="no progress bar (run.progress=false; off anyway when not a terminal)")
         parser.add_argument("--verbose", action="store_true",
                             help="also show Ray Train's per-report lines (run.verbose)")
         parser.add_argument("--dry-run", action="store_true",
@@ -65,6 +67,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, object]:
              "run.name": getattr(args, "run_name", None),
              "run.use_gpu": True if getattr(args, "use_gpu", False) else None,
              "run.verbose": True if getattr(args, "verbose", False) else None,
+             "run.progress": False if getattr(args, "no_progress", False) else None,
              "sweep.name": getattr(args, "name", None),
              "sweep.max_concurrent_trials": getattr(args, "max_concurrent_trials", None)}
     return {k: v for k, v in flags.items() if v is not None}

@@ -48,7 +48,7 @@ def _trained_steps(run_dir: Path) -> int:
 
 
 SETTINGS = {"optim.epochs": 2, "data.batch_size": 8, "data.test": "", "run.sample_ledger": True,
-            "run.checkpoint_every_steps": 3, "run.log_every_steps": 1}
+            "run.checkpoint_every_steps": 3, "run.log_every_steps": 1, "run.system_metrics_every_s": 1}
 
 
 def test_driver_sigkill_mid_epoch_then_same_command_resumes_exactly(avqa_shards, tmp_path, monkeypatch):
@@ -124,6 +124,12 @@ def _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url: str) -> None:
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == sorted(set(steps)) == list(range(1, max(steps) + 1))  # each step once
     assert len(client.get_metric_history(run.info.run_id, "val_overall")) == 2
+    # The node's system metrics, sampled by both attempts into the one run, steps continued.
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        history = client.get_metric_history(run.info.run_id, f"system/node0/{name}")
+        steps = sorted(m.step for m in history)
+        assert len(history) >= 2 and steps == sorted(set(steps)), (name, steps)
+    assert float(run.data.params["params.trainable_percent"]) > 0
     folders = {p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")}
     assert folders == _registered(run_dir)  # nothing left behind that Ray does not know
 

@@ -132,6 +132,11 @@ class RunConfig:
         sample_ledger: write the sample ids each rank trains on per step (resume tests, audits).
         verbose: show Ray Train's own per-report lines (each report's full metric dict), which
             the console leaves out by default (`--verbose`).
+        progress: a progress bar per epoch (rank 0's steps, loss, clips/s, ETA) when the
+            job's console is a terminal (`--no-progress`: never).
+        system_metrics_every_s: CPU, memory, disk, network (and GPU where present) of every
+            node of the run, sampled this often into the MLflow run as
+            `system/node<i>/...` (0: off).
         fail_at_step: fault injection for tests: rank `fail_rank` kills itself once at this
             global step (0: never).
         fail_in_checkpoint_at_step: fault injection for tests: rank `fail_rank` kills itself
@@ -153,6 +158,8 @@ class RunConfig:
     log_every_steps: int = 10
     sample_ledger: bool = False
     verbose: bool = False
+    progress: bool = True
+    system_metrics_every_s: float = 10.0
     fail_at_step: int = 0
     fail_in_checkpoint_at_step: int = 0
     pause_at_step: int = 0
@@ -183,6 +190,9 @@ class RunConfig:
         if ((self.fail_at_step or self.fail_in_checkpoint_at_step or self.pause_at_step)
                 and self.fail_rank >= self.num_workers):
             raise ConfigError(f"run.fail_rank={self.fail_rank} but there are only {self.num_workers} workers")
+        if self.system_metrics_every_s < 0:
+            raise ConfigError(f"run.system_metrics_every_s must be >= 0 (0 turns it off), got "
+                              f"{self.system_metrics_every_s!r}")
         if not self.cpus_per_worker > 0:
             raise ConfigError(f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
 

@@ -8,6 +8,7 @@ own MLflow parent, tags and Tune callback.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 import uuid
@@ -59,8 +60,10 @@ def fit_run(checked: Preflight, *, dry_run: bool = False, mlflow_name: str | Non
     folder = None if dry_run else claim_run_folder(checked.run_url, to_dict(cfg), checked.data_ids)
     print(f"run: {cfg.run.name}  results: {checked.run_url}  tracking: {redact_uri(checked.tracking_uri)}")
     print("shards: " + ", ".join(f"{k} {v} clips" for k, v in checked.split_sizes.items()))
-    print(f"parameters: adapters {checked.parameter_counts['adapter']:,}, head "
-          f"{checked.parameter_counts['head']:,}, frozen backbone {checked.parameter_counts['backbone']:,}")
+    counts = checked.parameter_counts
+    print(f"parameters: adapters {counts['adapter']:,}, head {counts['head']:,}, frozen backbone "
+          f"{counts['backbone']:,}")
+    print(peft_line(counts))
     print(init_ray())
     check_storage_shared(cfg.run.storage_path, checked.storage_defaulted, alive_nodes())
     run_id = None
@@ -88,6 +91,12 @@ def fit_run(checked: Preflight, *, dry_run: bool = False, mlflow_name: str | Non
     if run_id:
         finish_tracking(checked.tracking_uri, run_id, cfg, summary, result.checkpoint)
     return summary
+
+
+def peft_line(counts: dict[str, int]) -> str:
+    """PEFT's `print_trainable_parameters` line, which users compare across methods."""
+    return (f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
+            f"trainable%: {100 * counts['trainable'] / counts['total']:.4f}")
 
 
 def publish_best_adapters(checkpoint, run_url: str) -> str | None:
@@ -128,7 +137,9 @@ def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = 
         # The task class travels with the run: a task registered in the driver (a user's own
         # module, a test) needs no import in the workers.
         train_loop_config={"config": to_dict(cfg), "task": get_task(cfg.task), "dry_run": dry_run,
-                           "mlflow": {"uri": checked.tracking_uri, "run_id": run_id}},
+                           "mlflow": {"uri": checked.tracking_uri, "run_id": run_id},
+                           # A bar redrawn in place is for a person at a terminal, not a log file.
+                           "progress": cfg.run.progress and sys.stdout.isatty()},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(
@@ -150,7 +161,9 @@ def start_tracking(checked: Preflight, run_name: str | None = None,
     cfg = checked.cfg
     local_store = checked.tracking_uri.startswith("sqlite") and "://" not in cfg.run.storage_path
     artifact_root = str(Path(cfg.run.storage_path) / "mlflow-artifacts") if local_store else None
-    params = flatten(to_dict(cfg)) | {f"params.{k}": v for k, v in checked.parameter_counts.items()}
+    counts = checked.parameter_counts
+    params = flatten(to_dict(cfg)) | {f"params.{k}": v for k, v in counts.items()} | {
+        "params.trainable_percent": f"{100 * counts['trainable'] / counts['total']:.4f}"}
     return start_or_resume_run(checked.tracking_uri, cfg.run.experiment,
                                f"{cfg.run.storage_path}/{cfg.run.name}", run_name or cfg.run.name,
                                params, artifact_root, parent_run_id=parent_run_id)

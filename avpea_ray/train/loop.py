@@ -34,7 +34,7 @@ from ..tasks.distributed import gather_objects, is_distributed
 from .checkpoint import (Progress, latest_intact, read_adapter_source, read_checkpoint, upload_files,
                          write_checkpoint)
 from .config import TrainConfig
-from .tracking import MetricLogger
+from .tracking import MetricLogger, start_system_metrics
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -87,6 +87,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logger = MetricLogger(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"],
                           enabled=rank == 0 and not dry_run)
+    monitor = None  # one per node: its first rank samples the machine
+    if context.get_local_rank() == 0 and loop_config["mlflow"]["run_id"] and cfg.run.system_metrics_every_s \
+            and not dry_run:
+        monitor = start_system_metrics(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"],
+                                       context.get_node_rank(), cfg.run.system_metrics_every_s)
+    show_progress = rank == 0 and loop_config.get("progress", False) and not dry_run
     autocast = _autocast(cfg, device)
     ledger = _Ledger(cfg, rank, progress) if cfg.run.sample_ledger and not dry_run else None
     damage = _DamageCounts(cfg.data.allow_damaged)
@@ -94,6 +100,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     attempt = uuid.uuid4().hex[:8]
 
     def save_and_report(metrics: dict, kind: str) -> None:
+        logger.flush()  # the steps a checkpoint covers are in MLflow before it exists
         with tempfile.TemporaryDirectory() as directory:
             write_checkpoint(Path(directory), rank=rank, world_size=world_size, model=model,
                              config=loop_config["config"], optimizer=optimizer, scheduler=scheduler,
@@ -110,6 +117,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_stream.set_epoch(progress.epoch)
         model.train()
         window = _Window()
+        bar = _EpochBar(progress.epoch, steps_per_epoch, progress.batches_in_epoch) if show_progress else None
         wait_start = time.perf_counter()
         for raw in train_stream:
             window.wait += time.perf_counter() - wait_start
@@ -129,6 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.add(loss.item(), len(raw["meta"]))
             if ledger:
                 ledger.step(progress, raw["key"])
+            if bar:
+                bar.step(loss, len(raw["meta"]) * world_size)
             if progress.global_step % cfg.run.log_every_steps == 0:
                 step_metrics = window.metrics(world_size) | {"lr": scheduler.get_last_lr()[0]}
                 logger.log(step_metrics, progress.global_step)
@@ -147,6 +157,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 save_and_report({"epoch": progress.epoch, "step": progress.global_step}, "step")
             wait_start = time.perf_counter()
 
+        if bar:
+            bar.close()
         damage.add("train", train_stream)
         val = _evaluate(model, task, stream(cfg.data.val, training=False), device, autocast,
                         max_batches=1 if dry_run else None, damage=damage, split="val")
@@ -177,9 +189,38 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger.log({f"test_{k}": v for k, v in test.items()}, progress.global_step)
     final |= damage.totals(device)
     save_and_report(final, "final")
+    if monitor:
+        monitor.finish()
 
 
 # -- pieces --------------------------------------------------------------------------------
+
+class _EpochBar:
+    """Rank 0's progress bar of one epoch, drawn by the driver (Ray's `tqdm_ray`): steps, ETA,
+    and in its label the running loss and clips/s. The loss is read from the device only at
+    the bar's refresh interval, not every step."""
+
+    REFRESH_S = 1.0
+
+    def __init__(self, epoch: int, total: int, done: int):
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.epoch, self.bar = epoch, tqdm(desc=f"epoch {epoch}", total=total, unit="step")
+        self.bar.update(done)
+        self.last, self.samples, self.start = time.perf_counter(), 0, time.perf_counter()
+
+    def step(self, loss: torch.Tensor, samples: int) -> None:
+        self.bar.update(1)
+        self.samples += samples
+        now = time.perf_counter()
+        if now - self.last >= self.REFRESH_S:
+            self.last = now
+            self.bar.set_description(f"epoch {self.epoch} loss {float(loss):.3f} "
+                                     f"{self.samples / (now - self.start):.1f} clips/s")
+
+    def close(self) -> None:
+        self.bar.close()
+
 
 class _Window:
     """Running step metrics between two logs."""

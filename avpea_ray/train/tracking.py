@@ -118,6 +118,9 @@ class MetricLogger:
     A resumed attempt re-trains the steps between its checkpoint and the crash; each metric
     is logged once per step, so steps the run already holds are not logged again (training
     is deterministic: the first attempt logged the same values).
+
+    Logging does not block the training step: batches go out on MLflow's asynchronous queue
+    and `flush` waits for them (at every checkpoint and at the end).
     """
 
     def __init__(self, uri: str, run_id: str | None, enabled: bool):
@@ -125,6 +128,7 @@ class MetricLogger:
         self.run_id = run_id
         self.client = _client(uri) if self.enabled else None
         self.logged_up_to = last_logged_steps(self.client, run_id) if self.enabled else {}
+        self.pending: list = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -135,7 +139,25 @@ class MetricLogger:
                  ((_metric_name(k), v) for k, v in metrics.items())
                  if step > self.logged_up_to.get(name, -1)]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+
+    def flush(self) -> None:
+        """Wait until everything logged so far is in the tracking store."""
+        for operation in self.pending:
+            operation.wait()
+        self.pending.clear()
+
+
+def start_system_metrics(uri: str, run_id: str, node: int, every_s: float):
+    """Sample this node's CPU, memory, disk, network (and GPUs, where NVML finds any) into the
+    run as `system/node<node>/...` every `every_s` seconds, continuing the step count of an
+    earlier attempt. Returns the monitor (`finish()` stops it and flushes its last samples)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True,
+                                   node_id=f"node{node}", tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def last_logged_steps(client, run_id: str) -> dict[str, int]:
