@@ -204,7 +204,8 @@ def test_manifest_is_valid_against_the_crd_schema(key):
 @pytest.mark.parametrize("mutation, expected", [
     pytest.param(lambda spec: spec["headGroupSpec"].__setitem__("rayStartParam", {}),
                  "'rayStartParam' was unexpected", id="misspelt-field"),
-    pytest.param(lambda spec: spec["authOptions"].__setitem__("mode", "on"), "'on' is not one of", id="enum"),
+    pytest.param(lambda spec: spec.setdefault("authOptions", {}).__setitem__("mode", "on"),
+                 "'on' is not one of", id="enum"),
     pytest.param(lambda spec: ray_container(spec["headGroupSpec"])["resources"]["limits"].__setitem__("cpu", "four"),
                  "does not match", id="quantity"),
     pytest.param(lambda spec: spec["workerGroupSpecs"][0].pop("groupName"),
