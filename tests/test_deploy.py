@@ -2,7 +2,7 @@
 
 - every RayJob / RayCluster under deploy/kuberay validates against KubeRay v1.7's CRD schema
   (tests/fixtures/kuberay), made strict as the API server's field validation is, and passes the
-  admission checks of KubeRay's that a manifest alone decides;
+  checks of the KubeRay operator's own validation that a manifest alone decides;
 - images, versions and entrypoints agree with the package: one image name (pyproject's version),
   the lock's Ray in the base image and every rayVersion, the base image's Python and CUDA those
   of the lock, entrypoints that start with the console script and name configs that exist and
@@ -222,9 +222,9 @@ def test_schema_check_catches_broken_manifests(mutation, expected):
         assert any(expected in line for line in schema_errors(broken)), doc["metadata"]["name"]
 
 
-def admission_errors(doc: dict) -> list[str]:
-    """KubeRay v1.7's admission checks (controllers/ray/utils/validation.go) that a manifest
-    alone decides; the rest need a cluster (`kubectl apply --dry-run=server`)."""
+def validation_errors(doc: dict) -> list[str]:
+    """The KubeRay v1.7 operator's own checks (controllers/ray/utils/validation.go, run when it
+    reconciles the resource) that a manifest alone decides; the rest need a cluster."""
     kind, name, spec = doc["kind"], doc["metadata"].get("name", ""), cluster_spec(doc)
     errors = []
     if len(name) > MAX_NAME[kind] or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
@@ -259,8 +259,8 @@ def admission_errors(doc: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("key", sorted(RAY_DOCS))
-def test_manifest_passes_kuberay_admission_checks(key):
-    assert admission_errors(RAY_DOCS[key]) == []
+def test_manifest_passes_kuberay_validation(key):
+    assert validation_errors(RAY_DOCS[key]) == []
 
 
 # ------------------------------------------------------------------------------------------------
