@@ -351,6 +351,10 @@ def test_rayjob_entrypoint_runs_an_existing_config_that_fits_the_cluster(key):
     scripts = pyproject()["project"]["scripts"]
     assert words[0] in scripts, f"{words[0]!r} is not a console script of pyproject ({sorted(scripts)})"
     assert words[1] == "train", "a training RayJob runs `train`"
+    # The real command line takes the words and resolves the config they name.
+    from avpea_ray.cli import parse_job_args, resolve_config
+    resolved, _ = resolve_config(parse_job_args("", words[2:], task_flag=True), None)
+    assert resolved.run.name == doc["metadata"]["name"] and resolved.run.use_gpu
     path = flags.get("--config", "")
     assert path.startswith("configs/") and (ROOT / path).is_file(), f"--config {path!r}: no such config"
     cfg = config(path)

@@ -1,6 +1,6 @@
 """The import graph points downward only, and no package imports another in a loop.
 
-    jobs, bench, avpea_cli           entry points (`avpea-ray`) and benchmarks
+    jobs, bench, avpea_cli, deploy   entry points (`avpea-ray`), benchmarks, the image's check
     avpea_ray.cli, avpea_ray.__main__   the command line
     avpea_ray.tune                   sweeps
     avpea_ray.train                  one run: checks, Ray, loop, checkpoints, tracking
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = {
-    "jobs": 6, "bench": 6, "avpea_cli": 6,
+    "jobs": 6, "bench": 6, "avpea_cli": 6, "deploy": 6,
     "avpea_ray.cli": 5, "avpea_ray.__main__": 5,
     "avpea_ray.tune": 4,
     "avpea_ray.train": 3,
@@ -42,7 +42,7 @@ def _unit(path: Path) -> str:
 def import_edges() -> dict[tuple[str, str], str]:
     """(importing unit, imported unit) -> where, for every project import."""
     edges = {}
-    files = [p for d in ("avpea_ray", "avpea_cli", "sharding", "jobs", "bench") for p in (ROOT / d).rglob("*.py")]
+    files = [p for d in ("avpea_ray", "avpea_cli", "sharding", "jobs", "bench", "deploy") for p in (ROOT / d).rglob("*.py")]
     for path in files:
         package = ".".join(path.relative_to(ROOT).parent.parts)
         for node in ast.walk(ast.parse(path.read_text())):
@@ -58,7 +58,7 @@ def import_edges() -> dict[tuple[str, str], str]:
                 continue
             for name in names:
                 parts = name.split(".")
-                if parts[0] not in ("avpea_ray", "avpea_cli", "sharding", "jobs", "bench"):
+                if parts[0] not in ("avpea_ray", "avpea_cli", "sharding", "jobs", "bench", "deploy"):
                     continue
                 target = f"avpea_ray.{parts[1]}" if parts[0] == "avpea_ray" and len(parts) > 1 else parts[0]
                 source = _unit(path)
@@ -77,7 +77,7 @@ def test_imports_point_downward(edge):
     if source in TOOLS:
         assert target in TOOLS[source], f"{where}: the tool {source} imports {target}"
         return
-    assert target not in TOOLS or source in ("jobs", "bench", "avpea_cli"), \
+    assert target not in TOOLS or source in ("jobs", "bench", "avpea_cli", "deploy"), \
         f"{where}: the library imports the tool {target}"
     assert source in LEVEL and target in LEVEL, f"{where}: {source} -> {target}: add the unit to LEVEL"
     assert LEVEL[source] > LEVEL[target], f"{where}: {source} (level {LEVEL[source]}) imports {target} (level {LEVEL[target]})"
