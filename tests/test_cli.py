@@ -74,3 +74,25 @@ def test_train_dry_run_on_the_demo_console_is_readable(tmp_path, ray_local):
     assert "demo mode: synthetic data" in console and "dry run ok" in console, console[-4000:]
     assert "Traceback" not in console, console
     assert "Reporting training result" not in console and "metrics={" not in console, console
+
+
+def test_epoch_progress_bar_prints_whole_lines_with_eta_loss_and_rate(monkeypatch):
+    """The rank-0 bar reaches the driver through a line-by-line log: every redraw is a line of
+    its own with the steps, the ETA, the loss and clips/s."""
+    import io
+
+    import torch
+
+    from avpea_ray.train import loop
+
+    monkeypatch.setattr(loop._EpochBar, "INTERVAL_S", 0.0)
+    out = io.StringIO()
+    bar = loop._EpochBar(epoch=3, total=4, done=1, stream=out)
+    for _ in range(3):
+        bar.step(torch.tensor(1.25), samples=8)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) >= 3
+    assert lines[-1].startswith("epoch 3: 100%") and "4/4" in lines[-1]
+    assert "loss=1.250" in lines[-1] and "clips_per_s=" in lines[-1]
+    assert "<" in lines[1]  # elapsed<remaining: the ETA

@@ -202,3 +202,4 @@ def test_avst_two_stages_grounding_then_qa_initialised_from_it(avqa_shards, tmp_
     # A QA stage of another width cannot start from these weights: refused before any worker.
     with pytest.raises(ConfigError, match="model.init_from: .* does not fit this model: head.hidden: saved 64, model 32"):
         preflight(_config(avqa_shards, tmp_path, **{"model.init_from": str(best), "head.hidden": 32}))
+

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -196,30 +197,47 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # -- pieces --------------------------------------------------------------------------------
 
 class _EpochBar:
-    """Rank 0's progress bar of one epoch, drawn by the driver (Ray's `tqdm_ray`): steps, ETA,
-    and in its label the running loss and clips/s. The loss is read from the device only at
-    the bar's refresh interval, not every step."""
+    """Rank 0's tqdm bar of one epoch (steps, ETA, loss, clips/s), shown on the job's console.
 
-    REFRESH_S = 1.0
+    A worker's output reaches the driver line by line, so each redraw goes out as its own line
+    (tqdm's carriage returns become newlines), at most every `INTERVAL_S` seconds. The loss is
+    read from the device only then, not every step."""
 
-    def __init__(self, epoch: int, total: int, done: int):
-        from ray.experimental.tqdm_ray import tqdm
+    INTERVAL_S = 10.0
 
-        self.epoch, self.bar = epoch, tqdm(desc=f"epoch {epoch}", total=total, unit="step")
-        self.bar.update(done)
-        self.last, self.samples, self.start = time.perf_counter(), 0, time.perf_counter()
+    def __init__(self, epoch: int, total: int, done: int, stream=None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=f"epoch {epoch}", total=total, initial=done, unit="step",
+                        file=_Lines(stream or sys.__stderr__),
+                        mininterval=self.INTERVAL_S, maxinterval=self.INTERVAL_S, dynamic_ncols=False, ncols=100)
+        self.samples, self.start = 0, time.perf_counter()
 
     def step(self, loss: torch.Tensor, samples: int) -> None:
-        self.bar.update(1)
         self.samples += samples
-        now = time.perf_counter()
-        if now - self.last >= self.REFRESH_S:
-            self.last = now
-            self.bar.set_description(f"epoch {self.epoch} loss {float(loss):.3f} "
-                                     f"{self.samples / (now - self.start):.1f} clips/s")
+        if time.time() - self.bar.last_print_t >= self.INTERVAL_S:  # tqdm's clock: time.time
+            self.bar.set_postfix(loss=f"{float(loss):.3f}", clips_per_s=f"{self.samples / (time.perf_counter() - self.start):.1f}",
+                                 refresh=False)
+        self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
+
+
+class _Lines:
+    """A stream that ends tqdm's in-place redraws with a newline instead of starting them with
+    a carriage return (a log streamed line by line has no "in place")."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class _Window:
