@@ -11,13 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.ledger import attempts, effective_batches, planned_batches
-from tests.toy import mlflow_server, train_overrides
+from tests.toy import free_port, mlflow_server, train_overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +53,12 @@ SETTINGS = {"optim.epochs": 2, "data.batch_size": 8, "data.test": "", "run.sampl
 
 
 def test_driver_sigkill_mid_epoch_then_same_command_resumes_exactly(avqa_shards, tmp_path, monkeypatch):
-    with mlflow_server(tmp_path) as url:
-        _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url)
+    # A short Ray folder of its own (Ray's unix sockets live under it; their paths are limited).
+    with mlflow_server(tmp_path) as url, tempfile.TemporaryDirectory(prefix="avpea-ray-", dir="/tmp") as ray_tmp:
+        _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url, Path(ray_tmp))
 
 
-def _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url: str) -> None:
+def _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url: str, ray_tmp: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "killed"
@@ -66,7 +68,13 @@ def _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url: str) -> None:
     # Its own local Ray (the embedded default: a laptop's job killed with everything it
     # started), and a token in the tracking URI, as users put it there.
     token_uri = url.replace("http://", "http://avpea:tok3n@")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MLFLOW_TRACKING_URI": token_uri}
+    # Ray's folder holds a `ray_current_cluster` naming a cluster long gone, as a laptop's does
+    # after a `ray start` cluster died: the embedded Ray's actors must not follow it (Ray Train's
+    # placement-group cleaner used to time out on it and print a traceback).
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "MLFLOW_TRACKING_URI": token_uri, "RAY_TMPDIR": str(ray_tmp)}
     log = open(tmp_path / "first.log", "w")
     # The worker stops at step 8 (once) so that the kill lands there, not wherever a fast
     # machine happens to be.
@@ -98,6 +106,8 @@ def _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url: str) -> None:
     rerun = subprocess.run([*command, "run.pause_at_step=8", "data.eval_batch_size=16"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    console = rerun.stdout + rerun.stderr
+    assert "Traceback" not in console and "Reporting training result" not in console, console[-6000:]
 
     runs = attempts(run_dir)[0]
     assert len(runs) == 2
