@@ -204,13 +204,14 @@ def check_shard(url: str, info: shards.ShardInfo, index: shards.ShardIndex,
     return problems
 
 
-def validate(url: str, ranks: int = 1, loader_workers: int = 1) -> list[str]:
+def validate(url: str, ranks: int = 1, loader_workers: int = 1, progress: bool = False) -> list[str]:
     """All problems of a sharded split, one line each naming the shard or file.
 
     Args:
         url: the split's directory/prefix or its shards.json.
         ranks, loader_workers: accepted for callers that pass the training layout; a layout
             with more readers than shards is not a problem (see `layout_warnings`).
+        progress: a bar over the shards (bytes read, rate, ETA) on stderr.
 
     Returns:
         Problem lines; empty if the split is good.
@@ -219,15 +220,21 @@ def validate(url: str, ranks: int = 1, loader_workers: int = 1) -> list[str]:
         index = shards.read_index(url)
     except shards.ShardIndexError as exc:
         return [str(exc)]
+    from tqdm import tqdm
+
     problems = []
     seen: dict[str, str] = {}
+    bar = tqdm(total=sum(s.bytes for s in index.shards), desc="validating", unit="B", unit_scale=True,
+               disable=not progress)
     for i, (shard_url, info) in enumerate(zip(index.shard_urls(), index.shards)):
         reason = shards.url_problem(info.url)
         if reason:
             problems.append(f"shards[{i}] {info.url!r}: {reason}, not a plain name under "
                             f"{index.root}; not opened")
-            continue
-        problems.extend(f"{info.url}: {p}" for p in check_shard(shard_url, info, index, seen))
+        else:
+            problems.extend(f"{info.url}: {p}" for p in check_shard(shard_url, info, index, seen))
+        bar.update(info.bytes)
+    bar.close()
     for name, digest in (index.extra.get("files") or {}).items():
         reason = shards.url_problem(name)
         if reason:
@@ -277,8 +284,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                         help="training ranks (default %(default)s)")
     parser.add_argument("--loader-workers", type=common.positive_int, default=1,
                         help="DataLoader workers per rank (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (there is none when stderr is not a terminal)")
     args = parser.parse_args(argv)
-    problems = validate(args.url, args.ranks, args.loader_workers)
+    problems = validate(args.url, args.ranks, args.loader_workers,
+                        progress=not args.no_progress and sys.stderr.isatty())
     for line in problems:
         print(line)
     if problems:
