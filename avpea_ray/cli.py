@@ -38,6 +38,9 @@ def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool 
                         ("; a training config plus a `sweep` section" if sweep else ""))
     parser.add_argument("--storage-path", help="checkpoints and results: local dir or s3://bucket/prefix")
     parser.add_argument("--summary-json", help="also write the summary here")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own result dumps: Ray Train's per-report lines" +
+                        (", Tune's per-trial config and result boxes" if sweep else "") + " (run.verbose)")
     if sweep:
         parser.add_argument("--name", help="sweep name (sweep.name): the same name again continues the sweep")
         parser.add_argument("--max-concurrent-trials", type=int,
@@ -48,8 +51,6 @@ def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool 
         parser.add_argument("--run-name", help="stable run name: the same name again resumes the run")
         parser.add_argument("--no-progress", action="store_true",
                             help="no progress bar (run.progress=false; off anyway when not a terminal)")
-        parser.add_argument("--verbose", action="store_true",
-                            help="also show Ray Train's per-report lines (run.verbose)")
         parser.add_argument("--dry-run", action="store_true",
                             help="one train and one eval batch end to end; checks storage and tracking")
         if task_flag:

@@ -148,6 +148,9 @@ def build_tuner(plan: SweepPlan, parent_run_id: str, concurrency: int):
         **({} if scheduler else {"metric": sched.metric, "mode": sched.mode}))
     run_config = tune.RunConfig(name=plan.sweep.name, storage_path=plan.cfg.run.storage_path,
                                 failure_config=tune.FailureConfig(max_failures=0),
+                                # 1: Tune's live table of trials only; its boxes of every
+                                # trial's config and results with run.verbose (--verbose).
+                                verbose=3 if plan.cfg.run.verbose else 1,
                                 callbacks=[ReleaseStoppedTrials()])
     return tune.Tuner(trainable, param_space=param_space(plan.sweep), tune_config=tune_config,
                       run_config=run_config), False
