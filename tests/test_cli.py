@@ -96,3 +96,15 @@ def test_epoch_progress_bar_prints_whole_lines_with_eta_loss_and_rate(monkeypatc
     assert lines[-1].startswith("epoch 3: 100%") and "4/4" in lines[-1]
     assert "loss=1.250" in lines[-1] and "clips_per_s=" in lines[-1]
     assert "<" in lines[1]  # elapsed<remaining: the ETA
+
+
+def test_known_noise_lines_are_left_out_whole():
+    import io
+
+    from avpea_ray.train.cluster import KNOWN_NOISE, _DropLines
+
+    out = io.StringIO()
+    stream = _DropLines(out, KNOWN_NOISE)
+    for line in ("epoch 0 step 10/30", f"(TrainController) [E] {KNOWN_NOISE[0]} and ID 'x' has ...", "done"):
+        print(line, file=stream)
+    assert out.getvalue() == "epoch 0 step 10/30\ndone\n"

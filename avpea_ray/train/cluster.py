@@ -4,6 +4,48 @@ from __future__ import annotations
 import os
 
 
+# Lines Ray prints from its own processes that say nothing a user can act on; the console
+# leaves them out unless run.verbose (--verbose).
+KNOWN_NOISE = (
+    # Ray Train's controller creates its spot-preemption watcher with restartable arguments
+    # and Ray core logs an ERROR about it on every run (the watcher works).
+    "Actor with class name: 'PreemptionWatcher'",
+)
+
+
+class _DropLines:
+    """A console stream that leaves out whole lines holding any of `patterns` (the driver
+    prints Ray's forwarded lines as `print(line)`: the text, then its newline)."""
+
+    def __init__(self, stream, patterns: tuple[str, ...]):
+        self.stream, self.patterns, self.dropped = stream, patterns, False
+
+    def write(self, text: str) -> int:
+        if any(p in text for p in self.patterns):
+            self.dropped = True
+            return len(text)
+        if self.dropped and text == "\n":  # the newline of the line just dropped
+            self.dropped = False
+            return len(text)
+        self.dropped = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def quiet_known_noise(verbose: bool) -> None:
+    """Leave Ray's `KNOWN_NOISE` lines out of this process's console (once per process)."""
+    import sys
+
+    if verbose:
+        return
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, _DropLines):
+            setattr(sys, name, _DropLines(stream, KNOWN_NOISE))
+
+
 def init_ray() -> str:
     """Connect to the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start a
     fresh local Ray in this process. Returns a line saying which."""

@@ -18,7 +18,7 @@ from typing import Any
 from ..config import to_dict
 from ..data import storage
 from ..tasks import get_task
-from .cluster import alive_nodes, init_ray
+from .cluster import alive_nodes, init_ray, quiet_known_noise
 from .config import TrainConfig
 from .preflight import Preflight, check_storage_shared, preflight
 from .report import accuracy_plot, summarize
@@ -64,6 +64,7 @@ def fit_run(checked: Preflight, *, dry_run: bool = False, mlflow_name: str | Non
     print(f"parameters: adapters {counts['adapter']:,}, head {counts['head']:,}, frozen backbone "
           f"{counts['backbone']:,}")
     print(peft_line(counts))
+    quiet_known_noise(cfg.run.verbose)
     print(init_ray())
     check_storage_shared(cfg.run.storage_path, checked.storage_defaulted, alive_nodes())
     run_id = None

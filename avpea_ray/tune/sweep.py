@@ -24,7 +24,7 @@ from typing import Any
 from ..config import ConfigError, from_dict, to_dict
 from ..data import storage
 from ..tasks import get_task, register
-from ..train.cluster import init_ray
+from ..train.cluster import init_ray, quiet_known_noise
 from ..train.preflight import preflight
 from ..train.tracking import finish_run, flatten, redact_uri, start_or_resume_run
 from .config import VARIANT_AXIS, SweepConfig, is_distribution, trial_config, variant_label
@@ -166,6 +166,7 @@ def run_sweep(cfg: TrainConfig, sweep: SweepConfig) -> dict[str, Any]:
           f"{', '.join(([VARIANT_AXIS] if sweep.variants else []) + list(sweep.space))}), "
           f"{plan.max_t} epochs each, {_scheduler_line(plan)}")
     print(f"  in {plan.path}; tracking {redact_uri(plan.tracking_uri)}")
+    quiet_known_noise(cfg.run.verbose)
     print(init_ray())
     concurrency = max_concurrent_trials(plan, ray.cluster_resources())
     resumed = check_snapshot(plan)
