@@ -124,15 +124,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.wait += time.perf_counter() - wait_start
             _maybe_inject_failure(cfg, rank, progress.global_step)
             batch = task.make_batch(raw, device, training=True)
-            with autocast:
-                outputs = ddp_model(batch.frames, batch.fbank, **batch.head_inputs)
-                loss, parts = task.loss(model.head, outputs, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = train_step(ddp_model, model, task, batch, optimizer, scheduler, autocast,
+                              cfg.optim.grad_clip)
             progress.global_step += 1
             progress.batches_in_epoch += 1
             window.add(loss.item(), len(raw["meta"]))
@@ -195,6 +188,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 # -- pieces --------------------------------------------------------------------------------
+
+def train_step(ddp_model, model: AVPEAModel, task, batch, optimizer, scheduler, autocast,
+               grad_clip: float) -> torch.Tensor:
+    """One optimisation step on one batch: forward, the task's loss, backward, clipping,
+    AdamW and the schedule (what `bench/train_step.py` times, without Ray).
+
+    Returns:
+        The loss, detached and still on the device: reading it is a host synchronisation,
+        left to whoever needs the number.
+    """
+    with autocast:
+        outputs = ddp_model(batch.frames, batch.fbank, **batch.head_inputs)
+        loss, _ = task.loss(model.head, outputs, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
 
 class _EpochBar:
     """Rank 0's tqdm bar of one epoch (steps, ETA, loss, clips/s), shown on the job's console.
