@@ -98,14 +98,8 @@ def make_config(args, reference: bool) -> TrainConfig:
 
 # The trunk switches of the reference (each stream through each block separately) and of the
 # fast variant (the defaults, plus what the command line asks for).
-REFERENCE_MODEL: dict = {}
+REFERENCE_MODEL = {"fuse_streams": False, "fused_attention": False, "activation_checkpointing": False}
 FAST_MODEL: dict = {}
-
-
-def eager_attention(model: torch.nn.Module) -> None:
-    """The research code's attention: timm's explicit `softmax(q k^T / sqrt(d)) v`."""
-    for block in model.trunk.backbone.blocks:
-        block.attn.fused_attn = False
 
 
 class Peak:
@@ -145,8 +139,6 @@ def run_variant(name: str, args, raws: list[dict], device: torch.device, referen
                           "answers": [f"a{i}" for i in range(ANSWERS)]})
     torch.manual_seed(0)
     model = build_model(cfg.model, "avqa", task.head_args()).to(device)
-    if reference:
-        eager_attention(model)
     step_model = model
     compile_s = 0.0
     if args.compile and not reference:
@@ -226,7 +218,6 @@ def main(argv: list[str] | None = None) -> None:
     args.model = args.model or ("tiny" if args.device == "cpu" else "b16")
     args.batch_size = args.batch_size or (2 if args.device == "cpu" else 8)
     if args.checkpointing:
-        REFERENCE_MODEL.setdefault("activation_checkpointing", False)
         FAST_MODEL["activation_checkpointing"] = True
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,6 +23,7 @@ OPTIONS = [
     ({"fuse_streams": True}, "visual"),  # one stream without adapters: zeros in its rows
     ({"fuse_streams": True}, "none"),
     ({"fused_attention": True}, "both"),
+    ({"fused_attention": True, "fuse_streams": True}, "both"),
     ({"activation_checkpointing": True}, "both"),
     ({"activation_checkpointing": True, "fuse_streams": True}, "audio"),
     ({"fuse_streams": True, "fused_attention": True, "activation_checkpointing": True}, "both"),
