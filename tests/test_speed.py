@@ -97,3 +97,77 @@ def test_frozen_backbone_gets_no_gradient_work():
 def test_execution_switch_must_be_a_bool(field):
     with pytest.raises(ConfigError, match=f"model.{field}"):
         ModelConfig(**{field: "yes"})
+
+
+# -- no host synchronisation in the training step ---------------------------------------------
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records every Python-level call that reads a tensor's values back to the host (on a GPU:
+    the host waits for the device), except on the tensors in `allowed` (the optimiser's step
+    counters, which AdamW keeps on the host by design)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
+             torch.Tensor.nonzero, torch.nonzero, torch.masked_select, torch.Tensor.masked_select}
+
+    def __init__(self, allowed: list[torch.Tensor]):
+        super().__init__()
+        self.allowed, self.reads = {id(t) for t in allowed}, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], torch.Tensor) and id(args[0]) not in self.allowed:
+            masked = func is torch.Tensor.__getitem__ and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+            if func in self.READS or masked:
+                self.reads.append(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+def _avqa_raw(batch: int = 2, steps: int = 2) -> dict:
+    frames, fbank = clip_batch(batch=batch, steps=steps)
+    meta = [{"questions": [{"question_tokens": [3, 4, 5][: 1 + (i + q) % 3], "answer_index": (i + q) % 5,
+                            "question_type": "Audio-Counting"} for q in range(2 + i)]} for i in range(batch)]
+    return {"frames": frames, "fbank": fbank, "meta": meta, "key": [f"v{i}" for i in range(batch)]}
+
+
+def test_training_step_and_its_loss_window_never_read_the_device():
+    from avpea_ray.config import from_dict
+    from avpea_ray.tasks.avqa import AVQATask
+    from avpea_ray.train.config import TrainConfig
+    from avpea_ray.train.loop import _Window, _autocast, _optimizer, _schedule, train_step
+
+    cfg = from_dict(TrainConfig, {"task": "avqa"})
+    task = AVQATask(cfg, {"question_words": [f"w{i}" for i in range(20)], "answers": [f"a{i}" for i in range(5)]})
+    model = tiny_model("avqa").train()
+    optimizer, device = _optimizer(model, cfg), torch.device("cpu")
+    scheduler, autocast = _schedule(optimizer, cfg, 10), _autocast(cfg, device)
+    batch = task.make_batch(_avqa_raw(), device)  # host-side preparation, before the device
+    train_step(model, model, task, batch, optimizer, scheduler, autocast, 1.0)  # AdamW's state
+    window = _Window()
+    steps = [s["step"] for s in optimizer.state.values()]
+    with _HostReads(allowed=steps) as spy:
+        for _ in range(2):
+            window.add(train_step(model, model, task, batch, optimizer, scheduler, autocast, 1.0), 2)
+    assert spy.reads == []
+    assert window.metrics(1)["train_loss"] > 0  # read once, at log time
+
+
+def test_unknown_answers_are_left_out_of_the_loss_as_before():
+    from avpea_ray.config import from_dict
+    from avpea_ray.tasks.avqa import AVQATask
+    from avpea_ray.train.config import TrainConfig
+
+    cfg = from_dict(TrainConfig, {"task": "avqa"})
+    task = AVQATask(cfg, {"question_words": [f"w{i}" for i in range(20)], "answers": [f"a{i}" for i in range(5)]})
+    model = tiny_model("avqa").eval()
+    raw = _avqa_raw()
+    raw["meta"][1]["questions"][0]["answer_index"] = -1  # unseen in train
+    batch = task.make_batch(raw, torch.device("cpu"))
+    outputs = model(batch.frames, batch.fbank, **batch.head_inputs)
+    loss, _ = task.loss(model.head, outputs, batch)
+    known = batch.targets["answer_index"] >= 0
+    masked, _ = model.head.loss(dict(outputs, answer_logits=outputs["answer_logits"][known]),
+                                batch.targets["answer_index"][known])
+    torch.testing.assert_close(loss, masked)

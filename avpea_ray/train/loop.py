@@ -70,6 +70,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return ShardStream(url, rank=rank, world_size=world_size, training=training,
                            batch_size=cfg.data.batch_size if training else cfg.data.eval_batch_size,
                            num_workers=cfg.data.loader_workers, seed=cfg.data.seed,
+                           # Pinned batches copy to the GPU asynchronously (see `to_device`).
+                           pin_memory=device.type == "cuda",
                            shuffle_buffer=cfg.data.shuffle_buffer, allow_damaged=cfg.data.allow_damaged)
 
     train_stream = stream(cfg.data.train, training=True)
@@ -128,7 +130,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               cfg.optim.grad_clip)
             progress.global_step += 1
             progress.batches_in_epoch += 1
-            window.add(loss.item(), len(raw["meta"]))
+            window.add(loss, len(raw["meta"]))
             if ledger:
                 ledger.step(progress, raw["key"])
             if bar:
@@ -255,17 +257,21 @@ class _Lines:
 
 
 class _Window:
-    """Running step metrics between two logs."""
+    """Running step metrics between two logs.
+
+    The loss is summed on the device and read once, at log time: reading it every step
+    would make the host wait for each step to finish before queueing the next one."""
 
     def __init__(self):
-        self.start, self.wait, self.loss, self.steps, self.samples = time.perf_counter(), 0.0, 0.0, 0, 0
+        self.start, self.wait, self.steps, self.samples = time.perf_counter(), 0.0, 0, 0
+        self.loss: torch.Tensor | float = 0.0
 
-    def add(self, loss: float, samples: int) -> None:
-        self.loss, self.steps, self.samples = self.loss + loss, self.steps + 1, self.samples + samples
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss, self.steps, self.samples = self.loss + loss.detach(), self.steps + 1, self.samples + samples
 
     def metrics(self, world_size: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"train_loss": self.loss / max(self.steps, 1),
+        return {"train_loss": float(self.loss) / max(self.steps, 1),
                 "samples_per_s": self.samples * world_size / elapsed,
                 "data_wait_s": self.wait}
 
