@@ -171,3 +171,12 @@ def test_unknown_answers_are_left_out_of_the_loss_as_before():
     masked, _ = model.head.loss(dict(outputs, answer_logits=outputs["answer_logits"][known]),
                                 batch.targets["answer_index"][known])
     torch.testing.assert_close(loss, masked)
+
+
+@pytest.mark.parametrize("field,value", [("compile", "yes"), ("checkpoint_upload", "later")])
+def test_run_speed_switches_are_checked(field, value):
+    from avpea_ray.config import from_dict
+    from avpea_ray.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=f"run.{field}"):
+        from_dict(TrainConfig, {"task": "avqa", "run": {field: value}})

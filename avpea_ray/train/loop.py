@@ -64,6 +64,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _log(rank, f"model.init_from: {len(loaded)} tensors from {cfg.model.init_from}; "
                        f"fresh: {', '.join(modules) or 'none'}")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    step_model = torch.compile(ddp_model) if cfg.run.compile else ddp_model
     optimizer = _optimizer(model, cfg)
 
     def stream(url: str, training: bool) -> ShardStream:
@@ -104,7 +105,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def save_and_report(metrics: dict, kind: str) -> None:
         logger.flush()  # the steps a checkpoint covers are in MLflow before it exists
-        with tempfile.TemporaryDirectory() as directory:
+        upload_async = cfg.run.checkpoint_upload == "async" and kind != "final"
+        # An asynchronous upload outlives this call: Ray deletes the local copy once uploaded.
+        with contextlib.nullcontext(tempfile.mkdtemp(prefix="avpea-ckpt-")) if upload_async \
+                else tempfile.TemporaryDirectory() as directory:
             write_checkpoint(Path(directory), rank=rank, world_size=world_size, model=model,
                              config=loop_config["config"], optimizer=optimizer, scheduler=scheduler,
                              progress=progress, reader_state=train_stream.state_dict(),
@@ -114,7 +118,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              # checkpoints that still exist (Ray would delete the new one
                              # when it retires the old one of the same name).
                              checkpoint_dir_name=f"checkpoint_{progress.global_step:09d}_{kind}_{attempt}",
-                             checkpoint_upload_fn=_uploader(cfg, rank, progress.global_step))
+                             checkpoint_upload_fn=_uploader(cfg, rank, progress.global_step),
+                             **({"checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC}
+                                if upload_async else {}))
 
     while progress.epoch < cfg.optim.epochs:
         train_stream.set_epoch(progress.epoch)
@@ -126,7 +132,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.wait += time.perf_counter() - wait_start
             _maybe_inject_failure(cfg, rank, progress.global_step)
             batch = task.make_batch(raw, device, training=True)
-            loss = train_step(ddp_model, model, task, batch, optimizer, scheduler, autocast,
+            loss = train_step(step_model, model, task, batch, optimizer, scheduler, autocast,
                               cfg.optim.grad_clip)
             progress.global_step += 1
             progress.batches_in_epoch += 1

@@ -43,6 +43,7 @@ MAY_CHANGE = frozenset({
     "run.fail_rank",
     "data.eval_batch_size", "data.allow_damaged", "evaluation.meteor",
     "model.fuse_streams", "model.fused_attention", "model.activation_checkpointing",
+    "run.compile", "run.checkpoint_upload",
 })
 # Compared through the shards' index identity instead of their location.
 DATA_PATHS = frozenset({"data.train", "data.val", "data.test"})
