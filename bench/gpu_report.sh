@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the training step in one go (under 8 minutes on one H100/H200):
 # ViT-B/16 and ViT-L/16 at T=10, the fast path against the reference, torch.compile on and
-# off, activation checkpointing; then one table (bench/train_step.py's numbers, MFU against
+# off, activation checkpointing, the Ray Train overhead (B/16); then one table (bench/train_step.py's numbers, MFU against
 # the bf16 dense peak given as PEAK_TFLOPS, default 989).
 #
 #   bash bench/gpu_report.sh [OUT_DIR]
@@ -25,6 +25,9 @@ run b16_checkpointing --model b16 --batch-size ${B16_BATCH:-8} --checkpointing -
 run l16 --model l16 --batch-size ${L16_BATCH:-4}
 run l16_compile --model l16 --batch-size ${L16_BATCH:-4} --compile --variants fast
 run l16_checkpointing --model l16 --batch-size ${L16_BATCH:-4} --checkpointing --variants fast
+echo "== b16_ray: python bench/train_step.py --ray" >&2
+"$py" bench/train_step.py "${common[@]}" --model b16 --batch-size ${B16_BATCH:-8} --ray 2>&1 \
+  | tee "$out/b16_ray.log" | grep -E "^ray_overhead|round" >&2 || true
 
 "$py" - "$out" "$peak" <<'PY'
 import json, sys, pathlib
@@ -48,4 +51,7 @@ for name in ("b16", "b16_compile", "b16_checkpointing", "l16", "l16_compile", "l
                       f"speedup_vs_reference {q['fast'] / q['reference']:.2f}")
 print()
 print("\n".join(ratios))
+ray_log = out / "b16_ray.log"
+if ray_log.exists():
+    print("\n".join(l for l in ray_log.read_text().splitlines() if l.startswith("ray_overhead")))
 PY

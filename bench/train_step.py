@@ -138,17 +138,18 @@ class Peak:
 
 
 def run_variant(name: str, args, raws: list[dict], device: torch.device, reference: bool,
-                count_flops: bool = True) -> dict:
-    """Build the model of a variant, warm up, time `args.steps` steps; rates and memory."""
+                count_flops: bool = True, prepare=None) -> dict:
+    """Build the model of a variant, warm up, time `args.steps` steps; rates and memory.
+    `prepare`: what wraps the model before the steps (Ray Train's `prepare_model`)."""
     cfg = make_config(args, reference)
     task = AVQATask(cfg, {"question_words": ["<pad>"] + [f"w{i}" for i in range(1, VOCAB_WORDS)],
                           "answers": [f"a{i}" for i in range(ANSWERS)]})
     torch.manual_seed(0)
     model = build_model(cfg.model, "avqa", task.head_args()).to(device)
-    step_model = model
+    step_model = prepare(model) if prepare else model
     compile_s = 0.0
     if args.compile and not reference:
-        step_model = torch.compile(model)
+        step_model = torch.compile(step_model)
     optimizer = _optimizer(model, cfg)
     scheduler = _schedule(optimizer, cfg, steps_per_epoch=1000)
     autocast = _autocast(cfg, device)
@@ -203,6 +204,61 @@ def run_variant(name: str, args, raws: list[dict], device: torch.device, referen
             "tflops_per_s": flops / step_s / 1e12, "compile_s": compile_s}
 
 
+def _ray_worker(config: dict) -> None:
+    """The fast variant's steps inside a Ray Train worker, the model through `prepare_model`
+    as the training loop does; reports the median step time."""
+    import argparse as _argparse
+
+    import ray.train
+    import ray.train.torch
+
+    args = _argparse.Namespace(**config["args"])
+    torch.set_num_threads(config["threads"])
+    raws = synthetic_batches(config["batches"], args.batch_size, args.num_frames, args.image_size,
+                             tuple(args.fbank))
+    r = run_variant("fast", args, raws, ray.train.torch.get_device(), False, count_flops=False,
+                    prepare=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    ray.train.report({"step_s": r["step_s"]})
+    # Ray Train V2 keeps a report's metrics only with a checkpoint: the number goes back in a
+    # file (one machine).
+    with open(config["out"], "w") as f:
+        f.write(repr(r["step_s"]))
+
+
+def ray_overhead(args, raws: list[dict], device: torch.device) -> tuple[float, float]:
+    """The fast variant's median step time bare, then inside a 1-worker `TorchTrainer` (the
+    worker's start-up not counted), one after the other, `args.rounds` times, best of each."""
+    import tempfile
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from avpea_ray.train.cluster import init_ray
+
+    init_ray()
+    threads = torch.get_num_threads()
+    bare, inside = [], []
+    with tempfile.TemporaryDirectory(prefix="avpea-bench-ray-") as storage:
+        for round_ in range(args.rounds):
+            bare.append(run_variant("fast", args, raws, device, False, count_flops=False)["step_s"])
+            trainer = TorchTrainer(
+                _ray_worker,
+                train_loop_config={"args": {k: v for k, v in vars(args).items() if k != "json"},
+                                   "threads": threads, "batches": len(raws),
+                                   "out": os.path.join(storage, f"step_s_{round_}")},
+                scaling_config=ScalingConfig(num_workers=1, use_gpu=device.type == "cuda",
+                                             resources_per_worker={"CPU": os.cpu_count() or 1}),
+                run_config=RunConfig(name=f"bench-{round_}", storage_path=storage))
+            trainer.fit()
+            with open(os.path.join(storage, f"step_s_{round_}")) as f:
+                inside.append(float(f.read()))
+            print(f"  (round {round_ + 1}: bare {bare[-1] * 1e3:.1f} ms/step, in Ray Train "
+                  f"{inside[-1] * 1e3:.1f} ms/step)", flush=True)
+    ray.shutdown()
+    return min(bare), min(inside)
+
+
 def reader_rate(args, step_samples_per_s: float) -> None:
     """The real reader (`ShardStream`, 1 loader worker) over `args.shards`: samples decoded per
     CPU second (bench/data_path.py's measure), against what the fast step consumes."""
@@ -253,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default="fast,reference_trunk,reference",
                     help="which variants to run (the ratios need all three)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--ray", action="store_true",
+                    help="only the Ray overhead: the fast steps bare vs. in a 1-worker TorchTrainer "
+                         "(prints ray_overhead: in-Ray step time / bare step time)")
     args = ap.parse_args(argv)
     args.model = args.model or ("tiny" if args.device == "cpu" else "b16")
     args.batch_size = args.batch_size or (2 if args.device == "cpu" else 8)
@@ -267,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
           f"device {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size} videos "
           f"x T={args.num_frames}, {statistics.mean(QUESTIONS_PER_VIDEO):.1f} questions per video, "
           f"{args.warmup} warm-up + {args.steps} timed steps per variant", flush=True)
+
+    if args.ray:
+        bare, inside = ray_overhead(args, raws, device)
+        print(f"ray_overhead: {inside / bare:.3f} (step {inside * 1e3:.1f} ms in a 1-worker "
+              f"TorchTrainer vs {bare * 1e3:.1f} ms bare)")
+        return
 
     results = {}
     wanted = args.variants.split(",")
