@@ -119,6 +119,13 @@ class Peak:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
+            import ctypes
+            import gc
+
+            # Hand memory freed by the last variant back to the system first: else it stays
+            # resident and the next variant's growth reads as nothing.
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.base = self._rss("VmRSS")
