@@ -32,8 +32,8 @@ echo "== b16_ray: python bench/train_step.py --ray" >&2
 "$py" - "$out" "$peak" <<'PY'
 import json, sys, pathlib
 out, peak = pathlib.Path(sys.argv[1]), float(sys.argv[2])
-print("| run | variant | ms/step | samples/s | frame-pairs/s | QA-pairs/s | peak GiB | TFLOP/s | MFU | compile s |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| run | variant | ms/step | samples/s | frame-pairs/s | QA-pairs/s | peak GiB | TFLOP/s | MFU | compile s | host syncs/step |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 ratios = []
 for name in ("b16", "b16_compile", "b16_checkpointing", "l16", "l16_compile", "l16_checkpointing"):
     path = out / f"{name}.json"
@@ -44,7 +44,7 @@ for name in ("b16", "b16_compile", "b16_checkpointing", "l16", "l16_compile", "l
         print(f"| {name} | {variant} | {r['step_s'] * 1e3:.1f} | {r['samples_per_s']:.1f} | "
               f"{r['frame_pairs_per_s']:.0f} | {r['qa_pairs_per_s']:.1f} | {r['peak_gib']:.1f} | "
               f"{r['tflops_per_s']:.0f} | {100 * r['tflops_per_s'] / peak:.1f}% | "
-              f"{r['compile_s']:.0f} |")
+              f"{r['compile_s']:.0f} | {'' if r.get('host_syncs') is None else r['host_syncs']} |")
     if {"fast", "reference_trunk", "reference"} <= results.keys():
         q = {v: results[v]["qa_pairs_per_s"] for v in results}
         ratios.append(f"{name}: trunk_only_ratio {q['fast'] / q['reference_trunk']:.2f}, "

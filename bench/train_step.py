@@ -193,6 +193,17 @@ def run_variant(name: str, args, raws: list[dict], device: torch.device, referen
     memory = peak.read_gib()
     assert torch.isfinite(loss).item(), f"{name}: the loss is not finite"
 
+    host_syncs = None
+    if device.type == "cuda" and not reference:
+        # CUDA's own account of the step's synchronising calls (the loop makes none).
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(0)
+        torch.cuda.set_sync_debug_mode("default")
+        host_syncs = sum("synchroniz" in str(w.message) for w in caught)
     flops = 0
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
@@ -208,7 +219,7 @@ def run_variant(name: str, args, raws: list[dict], device: torch.device, referen
     return {"name": name, "step_s": step_s, "clips": clips, "samples_per_s": videos / step_s,
             "frame_pairs_per_s": videos * args.num_frames / step_s,
             "qa_pairs_per_s": questions / step_s, "peak_gib": memory, "flops": flops,
-            "tflops_per_s": flops / step_s / 1e12, "compile_s": compile_s}
+            "tflops_per_s": flops / step_s / 1e12, "compile_s": compile_s, "host_syncs": host_syncs}
 
 
 def _ray_worker(config: dict) -> None:
@@ -363,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['tflops_per_s']:7.3f} TFLOP/s")
         if device.type == "cuda":
             line += f"  MFU {100 * r['tflops_per_s'] / args.peak_tflops:5.1f}%"
+        if r.get("host_syncs") is not None:
+            line += f"  {r['host_syncs']} host syncs/step"
         if r["compile_s"]:
             line += f"  (compile + first step {r['compile_s']:.1f} s)"
         print(line, flush=True)
