@@ -75,22 +75,31 @@ class QuestionEncoder(nn.Module):
         self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
         self.fc = nn.Linear(2 * hidden, hidden)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
         """Encode questions.
 
         Args:
             tokens: (Q, L) long word indices, right-padded with 0.
+            lengths: each question's `question_lengths(tokens)`, computed on the host before
+                `tokens` went to the device; without them they are read back from the device
+                (a host synchronisation).
 
         Returns:
             (Q, hidden) question features.
         """
-        # An all-padding question still needs one step for pack_padded_sequence.
-        lengths = (tokens != 0).sum(dim=1).clamp(min=1).cpu()
+        if lengths is None:
+            lengths = question_lengths(tokens)
         words = torch.tanh(self.embed(tokens))
         packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
         _, (h, c) = self.lstm(packed)
         state = torch.cat([h[-1], c[-1]], dim=-1)
         return self.fc(torch.tanh(state))
+
+
+def question_lengths(tokens: torch.Tensor) -> list[int]:
+    """The words of each right-padded question `(Q, L)`, at least 1 (an all-padding question
+    still needs one step for `pack_padded_sequence`)."""
+    return (tokens != 0).sum(dim=1).clamp(min=1).tolist()
 
 
 class TemporalGrounding(nn.Module):
@@ -229,6 +238,7 @@ class AVQAHead(nn.Module):
         audio_tokens: torch.Tensor,
         question_tokens: torch.Tensor | None = None,
         question_video_index: torch.Tensor | None = None,
+        question_lengths: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Answer every question about the clips of a batch.
 
@@ -238,6 +248,8 @@ class AVQAHead(nn.Module):
             question_tokens: (Q, L) long word indices, right-padded with 0.
             question_video_index: (Q,) long, the clip (0..B-1) each question is about.
                 Neither is needed (nor read) in the grounding stage.
+            question_lengths: optional, the questions' lengths as `question_lengths` counts
+                them, computed on the host (a list, which DDP leaves where it is).
 
         Returns:
             dict with
@@ -276,7 +288,7 @@ class AVQAHead(nn.Module):
 
         if self.stage == "grounding":
             return {"answer_logits": None, "match_logits": match_logits, "match_labels": match_labels}
-        question = self.question_encoder(question_tokens)  # (Q, h)
+        question = self.question_encoder(question_tokens, question_lengths)  # (Q, h)
         q_audio = audio[question_video_index]  # (Q, T, h)
         q_visual = visual[question_video_index]
         audio_summary = self.audio_temporal(question, q_audio) + q_audio.mean(dim=1)

@@ -41,6 +41,14 @@ class ModelConfig:
             included (197 for a 224/16 ViT), resampled 1-D linearly (align_corners False) to
             the 1 + M tokens, the identity when the lengths match
             (`dual_stream.resample_pos_embed_linear_1d`).
+        fuse_streams: run both streams through each frozen block's row-wise layers (norms,
+            QKV, projections, MLP) in one call over their concatenated tokens, attention per
+            stream (default; the same math). False: each stream separately, as the research
+            code.
+        fused_attention: the frozen blocks' attention by fused `scaled_dot_product_attention`
+            (default; the same math) instead of the explicit softmax.
+        activation_checkpointing: keep no activations of the frozen blocks for the backward
+            pass, recompute them (less memory, ~1/3 more compute; off by default).
         init_from: an adapter directory (another run's `best_adapters`, local or s3://) whose
             adapters and head start this run, e.g. AVQA's grounding stage for its QA stage;
             "" starts from the fresh initialisation. A resume restores its own checkpoint.
@@ -55,6 +63,9 @@ class ModelConfig:
     gating: str = "learned"
     frame_stats: str = "timm"
     audio_pos_interp: str = "bicubic_2d"
+    fuse_streams: bool = True
+    fused_attention: bool = True
+    activation_checkpointing: bool = False
     init_from: str = ""
 
     def __post_init__(self):
@@ -63,6 +74,9 @@ class ModelConfig:
         _check_choice("model.frame_stats", self.frame_stats, FRAME_STATS)
         _check_choice("model.audio_pos_interp", self.audio_pos_interp, AUDIO_POS_INTERPS)
         _check_positive("model.reduction_factor", self.reduction_factor)
+        for name in self.EXECUTION_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
 
     # Fields that change the trained parameters' shapes or meaning: a resume or an adapter
     # load refuses a model that differs in any of them. The input conventions belong here: the
@@ -70,6 +84,9 @@ class ModelConfig:
     # would silently compute something else.
     ARCHITECTURE_FIELDS = ("backbone", "backbone_kwargs", "reduction_factor", "adapters",
                            "cross_attention", "gating", "frame_stats", "audio_pos_interp")
+
+    # How the trunk is executed, not what it computes: a resume may change them.
+    EXECUTION_FIELDS = ("fuse_streams", "fused_attention", "activation_checkpointing")
 
     def architecture(self) -> dict[str, Any]:
         """The fields that must match for saved adapters to fit."""

@@ -9,6 +9,20 @@ with the frozen block's own norms, layer scales and drop paths. Audio spectrogra
 go through the ViT's own patch embedding (the one input channel stands for the three RGB
 channels the convolution expects) with the positional embedding resized to their patch grid
 (2-D bicubic by default, or LAVISH's 1-D linear resampling of the sequence: `audio_pos_interp`).
+
+How a block is executed (the same math each way; tests compare outputs and gradients):
+
+- `fuse_streams` (default): both streams go through the shared frozen block in one call per
+  row-wise layer: the LayerNorms, QKV, attention output projection and MLP run once over the
+  concatenated token rows of both streams (bigger matrix products, half the calls);
+  attention itself runs per stream (the streams' sequence lengths differ).
+- `fused_attention` (default): attention by `F.scaled_dot_product_attention` (flash /
+  memory-efficient kernels where the device has them) instead of the explicit
+  `softmax(q k^T / sqrt(d)) v` of the research code.
+- `activation_checkpointing` (off by default): each frozen block's activations are recomputed
+  in the backward pass instead of kept (memory for compute). Only the frozen block is
+  recomputed, never an adapter: recomputing an adapter would update its BatchNorm running
+  statistics twice.
 """
 from __future__ import annotations
 
@@ -16,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError
 
@@ -40,6 +55,9 @@ class DualStreamViT(nn.Module):
         audio_pos_interp: how the positional embedding is fitted to a spectrogram's tokens:
             "bicubic_2d" or "linear_1d" (LAVISH's); see `embed_audio`.
         weights: with a model name, "random", "timm" or a local file (see `create_backbone`).
+        fuse_streams: both streams through each frozen block's row-wise layers in one call.
+        fused_attention: the frozen blocks' attention by fused SDPA (else explicit softmax).
+        activation_checkpointing: recompute the frozen blocks' activations in the backward.
         **backbone_kwargs: with a model name, passed to `timm.create_model`.
 
     Attributes:
@@ -52,7 +70,9 @@ class DualStreamViT(nn.Module):
     def __init__(self, backbone: nn.Module | str, reduction_factor: int = 8, *,
                  adapters: str = "both", cross_attention: bool = True,
                  gating: str = "learned", frame_stats: str = "timm",
-                 audio_pos_interp: str = "bicubic_2d", weights: str = "random", **backbone_kwargs):
+                 audio_pos_interp: str = "bicubic_2d", weights: str = "random",
+                 fuse_streams: bool = True, fused_attention: bool = True,
+                 activation_checkpointing: bool = False, **backbone_kwargs):
         super().__init__()
         if isinstance(backbone, str):
             backbone = create_backbone(backbone, weights=weights, **backbone_kwargs)
@@ -73,6 +93,13 @@ class DualStreamViT(nn.Module):
         self.adapter_placement = adapters
         self.frame_stats = frame_stats
         self.audio_pos_interp = audio_pos_interp
+        # Streams are fused only through timm's own Attention, whose parts the fused block
+        # calls one by one; any other attention runs per stream.
+        self.fuse_streams = fuse_streams and all(_fusable(b.attn) for b in backbone.blocks)
+        self.activation_checkpointing = activation_checkpointing
+        for block in backbone.blocks:
+            if hasattr(block.attn, "fused_attn"):
+                block.attn.fused_attn = fused_attention
 
         def make_adapters(enabled: bool) -> nn.ModuleList:
             return nn.ModuleList(
@@ -167,11 +194,15 @@ class DualStreamViT(nn.Module):
             raise ValueError(f"frames and audio must pair one to one: got {frames.shape[0]} "
                              f"frames and {audio.shape[0]} audio windows")
         visual, sound = self.embed_visual(frames), self.embed_audio(audio)
+        run = _fused_block if self.fuse_streams else _separate_blocks
         for i, block in enumerate(self.backbone.blocks):
             visual_adapter = self.adapters_visual[i](visual, sound) if self.adapters_visual else None
             audio_adapter = self.adapters_audio[i](sound, visual) if self.adapters_audio else None
-            visual = _block_with_adapter(block, visual, visual_adapter)
-            sound = _block_with_adapter(block, sound, audio_adapter)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                visual, sound = checkpoint(run, block, visual, sound, visual_adapter, audio_adapter,
+                                           use_reentrant=False)
+            else:
+                visual, sound = run(block, visual, sound, visual_adapter, audio_adapter)
         return self.backbone.norm(visual), self.backbone.norm(sound)
 
 
@@ -191,6 +222,63 @@ def resample_pos_embed_linear_1d(pos_embed: torch.Tensor, length: int) -> torch.
     resized = F.interpolate(pos_embed.float().transpose(1, 2), size=length, mode="linear",
                             align_corners=False)
     return resized.transpose(1, 2).to(pos_embed.dtype)
+
+
+def _separate_blocks(block: nn.Module, visual: torch.Tensor, sound: torch.Tensor,
+                     visual_adapter: torch.Tensor | None,
+                     audio_adapter: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block, each stream through it on its own (the research code's way)."""
+    return (_block_with_adapter(block, visual, visual_adapter),
+            _block_with_adapter(block, sound, audio_adapter))
+
+
+def _fused_block(block: nn.Module, visual: torch.Tensor, sound: torch.Tensor,
+                 visual_adapter: torch.Tensor | None,
+                 audio_adapter: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_block_with_adapter` for both streams in one pass over their concatenated token rows.
+
+    Every layer of the block but attention's core acts on each token row alone (LayerNorm,
+    QKV, output projection, layer scale, MLP), so it runs once over the `(B N + B M, D)` rows of
+    both streams; the core (`softmax(q k^T / sqrt(d)) v`) runs per stream. Drop paths are the
+    identity: the frozen backbone is always in eval mode.
+    """
+    batch, visual_len, dim = visual.shape
+    split = batch * visual_len
+    rows = torch.cat((visual.reshape(split, dim), sound.reshape(-1, dim)))
+    attn = block.attn
+    qkv = attn.qkv(block.norm1(rows))
+    core = torch.cat((_attention_core(attn, qkv[:split].view(batch, visual_len, -1)).reshape(split, -1),
+                      _attention_core(attn, qkv[split:].view(sound.shape[0], sound.shape[1], -1)
+                                      ).reshape(rows.shape[0] - split, -1)))
+    y = rows + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(core)))))
+    if visual_adapter is not None or audio_adapter is not None:
+        adapters = [a if a is not None else torch.zeros_like(x)
+                    for a, x in ((visual_adapter, visual), (audio_adapter, sound))]
+        y = y + torch.cat((adapters[0].reshape(split, dim), adapters[1].reshape(-1, dim)))
+    y = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+    return y[:split].view(visual.shape), y[split:].view(sound.shape)
+
+
+def _attention_core(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """timm `Attention.forward` between its QKV projection and its output norm: `(B, N, 3 D)`
+    projections -> `(B, N, D)` attended values (fused SDPA or explicit, as `attn.fused_attn`)."""
+    batch, length, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        x = attn.attn_drop((q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    return x.transpose(1, 2).reshape(batch, length, -1)
+
+
+def _fusable(attn: nn.Module) -> bool:
+    """timm's standard Attention (the parts `_fused_block` calls, no gate, no extra inputs)."""
+    from timm.models.vision_transformer import Attention
+
+    return (type(attn) is Attention and getattr(attn, "gate", None) is None
+            and all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop",
+                                               "num_heads", "head_dim", "scale", "fused_attn")))
 
 
 def _block_with_adapter(block: nn.Module, x: torch.Tensor,

@@ -42,7 +42,9 @@ class AVPEAModel(nn.Module):
             config.reduction_factor, adapters=config.adapters,
             cross_attention=config.cross_attention, gating=config.gating,
             frame_stats=config.frame_stats, audio_pos_interp=config.audio_pos_interp,
-            weights=config.weights, **config.backbone_kwargs)
+            weights=config.weights, fuse_streams=config.fuse_streams,
+            fused_attention=config.fused_attention,
+            activation_checkpointing=config.activation_checkpointing, **config.backbone_kwargs)
         self.head = head if isinstance(head, nn.Module) else head(self.trunk.dim)
 
     @property

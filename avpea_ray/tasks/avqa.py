@@ -18,8 +18,10 @@ import torch
 
 from ..config import ConfigError
 from ..data import storage
-from ..heads.avqa import QUESTION_TYPES, AVQAHead, avqa_accuracies, avqa_counts
-from .base import DAMAGE_KEYS, Batch, CountEvaluator, Task, to_device
+from ..heads.avqa import QUESTION_TYPES, AVQAHead, avqa_accuracies, avqa_counts, question_lengths
+from .base import DAMAGE_KEYS, Batch, CountEvaluator, Task, host_to_device, to_device
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 
 
 @dataclass
@@ -112,19 +114,20 @@ class AVQATask(Task):
             tokens[row, :len(q["question_tokens"])] = torch.tensor(q["question_tokens"])
         return to_device(
             raw, device,
-            head_inputs={"question_tokens": tokens.to(device),
-                         "question_video_index": torch.tensor([i for i, _ in questions], device=device)},
-            targets={"answer_index": torch.tensor([q["answer_index"] for _, q in questions], device=device),
+            head_inputs={"question_tokens": host_to_device(tokens, device),
+                         "question_video_index": host_to_device(torch.tensor([i for i, _ in questions]), device),
+                         "question_lengths": question_lengths(tokens)},
+            targets={"answer_index": host_to_device(torch.tensor([q["answer_index"] for _, q in questions]), device),
                      "question_types": [q["question_type"] for _, q in questions]})
 
     def loss(self, head, outputs: dict, batch: Batch) -> tuple[torch.Tensor, dict]:
         if self.grounding:
             return head.match_loss(outputs)
-        # Answers unseen in train (index -1, val/test only) cannot be learned: no loss.
+        # Answers unseen in train (index -1, val/test only) cannot be learned: no loss. They
+        # are ignored by the cross-entropy (the mean over the others) rather than masked out:
+        # a boolean mask's size is known only after a host synchronisation.
         target = batch.targets["answer_index"]
-        known = target >= 0
-        outputs = dict(outputs, answer_logits=outputs["answer_logits"][known])
-        return head.loss(outputs, target[known])
+        return head.loss(outputs, torch.where(target >= 0, target, IGNORE_INDEX))
 
     def counts(self, outputs: dict, batch: Batch) -> torch.Tensor:
         """(18, 2) [correct, total] per question type: the model's 9 rows, then the 9 rows of

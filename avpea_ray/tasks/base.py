@@ -39,6 +39,14 @@ class Batch:
     targets: dict[str, Any]
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without stalling the host: to a GPU through pinned memory,
+    asynchronously (a copy from pageable memory waits for the device's queue to drain)."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def to_device(raw: dict, device: torch.device, head_inputs: dict, targets: dict) -> Batch:
     """A reader batch's frames and spectrograms on `device`, with the task's inputs/targets."""
     return Batch(frames=raw["frames"].to(device, non_blocking=True),

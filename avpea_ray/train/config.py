@@ -109,6 +109,9 @@ class OptimConfig:
             raise ConfigError(f"optim.precision must be one of ['auto', 'bf16', 'fp32'], got {self.precision!r}")
 
 
+CHECKPOINT_UPLOADS = ("sync", "async")
+
+
 @dataclass
 class RunConfig:
     """How and where the run executes.
@@ -137,6 +140,11 @@ class RunConfig:
         system_metrics_every_s: CPU, memory, disk, network (and GPU where present) of every
             node of the run, sampled this often into the MLflow run as
             `system/node<i>/...` (0: off).
+        compile: `torch.compile` the model for the training steps (the first step pays the
+            compilation; `bench/train_step.py --compile` reports how long it takes).
+        checkpoint_upload: "sync" (default): the step waits while a checkpoint is copied to
+            storage; "async": Ray Train uploads it in the background and the steps go on
+            (the checkpoint is written locally first, so it is a snapshot either way).
         fail_at_step: fault injection for tests: rank `fail_rank` kills itself once at this
             global step (0: never).
         fail_in_checkpoint_at_step: fault injection for tests: rank `fail_rank` kills itself
@@ -160,6 +168,8 @@ class RunConfig:
     verbose: bool = False
     progress: bool = True
     system_metrics_every_s: float = 10.0
+    compile: bool = False
+    checkpoint_upload: str = "sync"
     fail_at_step: int = 0
     fail_in_checkpoint_at_step: int = 0
     pause_at_step: int = 0
@@ -193,6 +203,11 @@ class RunConfig:
         if self.system_metrics_every_s < 0:
             raise ConfigError(f"run.system_metrics_every_s must be >= 0 (0 turns it off), got "
                               f"{self.system_metrics_every_s!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"run.compile must be true or false, got {self.compile!r}")
+        if self.checkpoint_upload not in CHECKPOINT_UPLOADS:
+            raise ConfigError(f"run.checkpoint_upload must be one of {list(CHECKPOINT_UPLOADS)}, "
+                              f"got {self.checkpoint_upload!r}")
         if not self.cpus_per_worker > 0:
             raise ConfigError(f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
 

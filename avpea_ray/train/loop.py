@@ -64,12 +64,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _log(rank, f"model.init_from: {len(loaded)} tensors from {cfg.model.init_from}; "
                        f"fresh: {', '.join(modules) or 'none'}")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    step_model = torch.compile(ddp_model) if cfg.run.compile else ddp_model
     optimizer = _optimizer(model, cfg)
 
     def stream(url: str, training: bool) -> ShardStream:
         return ShardStream(url, rank=rank, world_size=world_size, training=training,
                            batch_size=cfg.data.batch_size if training else cfg.data.eval_batch_size,
                            num_workers=cfg.data.loader_workers, seed=cfg.data.seed,
+                           # Pinned batches copy to the GPU asynchronously (see `to_device`).
+                           pin_memory=device.type == "cuda",
                            shuffle_buffer=cfg.data.shuffle_buffer, allow_damaged=cfg.data.allow_damaged)
 
     train_stream = stream(cfg.data.train, training=True)
@@ -102,7 +105,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def save_and_report(metrics: dict, kind: str) -> None:
         logger.flush()  # the steps a checkpoint covers are in MLflow before it exists
-        with tempfile.TemporaryDirectory() as directory:
+        upload_async = cfg.run.checkpoint_upload == "async" and kind != "final"
+        # An asynchronous upload outlives this call: Ray deletes the local copy once uploaded.
+        with contextlib.nullcontext(tempfile.mkdtemp(prefix="avpea-ckpt-")) if upload_async \
+                else tempfile.TemporaryDirectory() as directory:
             write_checkpoint(Path(directory), rank=rank, world_size=world_size, model=model,
                              config=loop_config["config"], optimizer=optimizer, scheduler=scheduler,
                              progress=progress, reader_state=train_stream.state_dict(),
@@ -112,7 +118,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              # checkpoints that still exist (Ray would delete the new one
                              # when it retires the old one of the same name).
                              checkpoint_dir_name=f"checkpoint_{progress.global_step:09d}_{kind}_{attempt}",
-                             checkpoint_upload_fn=_uploader(cfg, rank, progress.global_step))
+                             checkpoint_upload_fn=_uploader(cfg, rank, progress.global_step),
+                             **({"checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC}
+                                if upload_async else {}))
 
     while progress.epoch < cfg.optim.epochs:
         train_stream.set_epoch(progress.epoch)
@@ -124,18 +132,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.wait += time.perf_counter() - wait_start
             _maybe_inject_failure(cfg, rank, progress.global_step)
             batch = task.make_batch(raw, device, training=True)
-            with autocast:
-                outputs = ddp_model(batch.frames, batch.fbank, **batch.head_inputs)
-                loss, parts = task.loss(model.head, outputs, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = train_step(step_model, model, task, batch, optimizer, scheduler, autocast,
+                              cfg.optim.grad_clip)
             progress.global_step += 1
             progress.batches_in_epoch += 1
-            window.add(loss.item(), len(raw["meta"]))
+            window.add(loss, len(raw["meta"]))
             if ledger:
                 ledger.step(progress, raw["key"])
             if bar:
@@ -196,6 +197,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 # -- pieces --------------------------------------------------------------------------------
 
+def train_step(ddp_model, model: AVPEAModel, task, batch, optimizer, scheduler, autocast,
+               grad_clip: float) -> torch.Tensor:
+    """One optimisation step on one batch: forward, the task's loss, backward, clipping,
+    AdamW and the schedule (what `bench/train_step.py` times, without Ray).
+
+    Returns:
+        The loss, detached and still on the device: reading it is a host synchronisation,
+        left to whoever needs the number.
+    """
+    with autocast:
+        outputs = ddp_model(batch.frames, batch.fbank, **batch.head_inputs)
+        loss, _ = task.loss(model.head, outputs, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
 class _EpochBar:
     """Rank 0's tqdm bar of one epoch (steps, ETA, loss, clips/s), shown on the job's console.
 
@@ -241,17 +263,21 @@ class _Lines:
 
 
 class _Window:
-    """Running step metrics between two logs."""
+    """Running step metrics between two logs.
+
+    The loss is summed on the device and read once, at log time: reading it every step
+    would make the host wait for each step to finish before queueing the next one."""
 
     def __init__(self):
-        self.start, self.wait, self.loss, self.steps, self.samples = time.perf_counter(), 0.0, 0.0, 0, 0
+        self.start, self.wait, self.steps, self.samples = time.perf_counter(), 0.0, 0, 0
+        self.loss: torch.Tensor | float = 0.0
 
-    def add(self, loss: float, samples: int) -> None:
-        self.loss, self.steps, self.samples = self.loss + loss, self.steps + 1, self.samples + samples
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss, self.steps, self.samples = self.loss + loss.detach(), self.steps + 1, self.samples + samples
 
     def metrics(self, world_size: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"train_loss": self.loss / max(self.steps, 1),
+        return {"train_loss": float(self.loss) / max(self.steps, 1),
                 "samples_per_s": self.samples * world_size / elapsed,
                 "data_wait_s": self.wait}
 
