@@ -5,6 +5,8 @@
     avpea-ray shard     {musicavqa,ave,valor,demo,synth-musicavqa,synth-ave,synth-valor} ...
     avpea-ray validate  URL [--ranks R] [--loader-workers W]
     avpea-ray params    [--task TASK] [--backbone NAME] [--reduction-factor R] [head.key=value ...]
+    avpea-ray predict   ADAPTERS (--video FILE ... | --frames DIR --audio FILE) [--question TEXT ...] ...
+    avpea-ray infer     ADAPTERS (--shards URL | --videos LIST) --out URL [--format parquet|jsonl] ...
 
 `avpea-ray <command> --help` shows each command's flags and examples. `jobs/<task>.py` and
 `jobs/sweep.py` run the same code (the entry points for `ray job submit --working-dir .`).
@@ -121,12 +123,19 @@ def _params(argv: list[str]) -> int:
     return _exit_code(lambda: library_commands.main(["params", *argv], prog=PROG))
 
 
+def _predict(argv: list[str]) -> int:
+    from avpea_cli.predict import run_predict
+
+    return run_predict(argv, prog=f"{PROG} predict")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train or resume one run (task from the config; no config: the demo)"),
     "sweep": (_sweep, "a Ray Tune sweep over reduction factor, gating and learning rate"),
     "shard": (_shard, "datasets as released -> shards"),
     "validate": (_validate, "check a sharded split"),
     "params": (_params, "parameter counts of a model, no weights needed"),
+    "predict": (_predict, "trained adapters applied to video files (answers, events, captions, ranks)"),
 }
 
 

@@ -2,8 +2,8 @@
 
 - command line: the output flags every sharder has, argparse types, exit codes
   (2 = bad flag or missing annotation file, 1 = --strict tripped or nothing usable);
-- media: frame folders (JPEG), audio files and MP4s -> T resized frames and a 16 kHz mono
-  waveform, with every user-data problem turned into `SkipSample(reason, detail)`;
+- media: re-exported from `avpea_ray.data.media` (frame folders, audio files and videos ->
+  T resized frames and a 16 kHz mono waveform; problems raise `SkipSample(reason, detail)`);
 - bookkeeping: `Report` (what was skipped and why -> report.json and the summary);
 - the write loop: progress bar, optional worker processes, --strict.
 """
@@ -21,13 +21,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
-from PIL import Image
-
 from avpea_ray.data import shards, storage
+# The media decoding lives in the library (one implementation for sharding and prediction);
+# the sharders keep using these names from here.
+from avpea_ray.data.media import (FRAME_SUFFIXES, SAMPLE_RATE, SOUNDFILE_SUFFIXES, SkipSample,  # noqa: F401
+                                  evenly_spaced, load_audio, load_frames, load_video, load_wav,
+                                  natural_key, resize_frame, to_mono_16k)
 
-SAMPLE_RATE = 16_000
-FRAME_SUFFIXES = (".jpg", ".jpeg")
 SUMMARY_LIST_LIMIT = 20  # skipped items printed in the summary; report.json has them all
 
 
@@ -41,20 +41,6 @@ class RunError(Exception):
 
 class StrictError(RunError):
     """--strict and a skipped item: exit code 1, the message names the id and reason."""
-
-
-class SkipSample(Exception):
-    """A video (or record) that cannot be used.
-
-    Args:
-        reason: a short code for counting ("missing_frames", "unreadable_audio", ...).
-        detail: what exactly was wrong, naming the file.
-    """
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -181,229 +167,6 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except KeyboardInterrupt:
         print("interrupted; the previous output (if any) is unchanged", file=sys.stderr)
         return 130
-
-
-# -- media -----------------------------------------------------------------------------------
-
-def natural_key(name: str) -> list:
-    """Sort key that orders '2.jpg' before '10.jpg' and handles zero-padded names too."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-def evenly_spaced(count: int, num: int) -> np.ndarray:
-    """`num` indices spread evenly over `count` items (linspace, first and last included)."""
-    return np.linspace(0, count - 1, num).round().astype(np.int64)
-
-
-def resize_frame(img: Image.Image, image_size: int) -> np.ndarray:
-    """An RGB (image_size, image_size, 3) uint8 array, bicubic (aspect ratio not kept)."""
-    img = img.convert("RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def load_frames(folder: str, num_frames: int, image_size: int) -> list[np.ndarray]:
-    """T frames, evenly spaced, from a folder of per-second JPEGs (sorted by name).
-
-    Args:
-        folder: `<frames>/<video_id>`.
-        num_frames: T (frames repeat when the folder has fewer).
-        image_size: output side.
-
-    Returns:
-        T (image_size, image_size, 3) uint8 arrays. Raises `SkipSample` if the folder is
-        missing or empty or a chosen frame cannot be decoded.
-    """
-    if not os.path.isdir(folder):
-        raise SkipSample("missing_frames", f"no frame folder {folder}")
-    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_SUFFIXES)),
-                   key=natural_key)
-    if not names:
-        raise SkipSample("missing_frames", f"no .jpg files in {folder}")
-    frames = []
-    for i in evenly_spaced(len(names), num_frames):
-        path = os.path.join(folder, names[i])
-        try:
-            with Image.open(path) as img:
-                frames.append(resize_frame(img, image_size))
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-            raise SkipSample("unreadable_frame", f"{path}: {exc}") from None
-    return frames
-
-
-def to_mono_16k(wave: np.ndarray, rate: int, source: str) -> np.ndarray:
-    """Downmix to mono and resample to 16 kHz.
-
-    Args:
-        wave: (samples,) or (samples, channels) float array.
-        rate: its sample rate.
-        source: file name for messages.
-
-    Returns:
-        1-D float32 array at 16 kHz.
-    """
-    wave = np.asarray(wave, dtype=np.float32)
-    if wave.ndim == 2:
-        wave = wave.mean(axis=1)
-    if wave.size == 0:
-        raise SkipSample("unreadable_audio", f"{source}: no audio samples")
-    if rate != SAMPLE_RATE:
-        import torch
-        import torchaudio.functional as AF
-
-        wave = AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), int(rate),
-                           SAMPLE_RATE).numpy()
-    return wave
-
-
-def load_wav(path: str) -> np.ndarray:
-    """A WAV (or any soundfile format) as 16 kHz mono float32; other rates are resampled.
-
-    Raises:
-        SkipSample: the file is missing, unreadable or empty.
-    """
-    import soundfile as sf
-
-    if not os.path.isfile(path):
-        raise SkipSample("missing_audio", f"no audio file {path}")
-    try:
-        wave, rate = sf.read(path, dtype="float32", always_2d=False)
-    except Exception as exc:  # noqa: BLE001 - libsndfile errors vary
-        raise SkipSample("unreadable_audio", f"{path}: {exc}") from None
-    return to_mono_16k(wave, rate, path)
-
-
-SOUNDFILE_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")  # what libsndfile >= 1.1 decodes
-
-
-def load_audio(path: str) -> np.ndarray:
-    """An audio file as 16 kHz mono float32, whatever its format.
-
-    WAV, FLAC, MP3 and OGG go through libsndfile (`load_wav`); anything else (M4A/AAC, ...)
-    through PyAV, like the audio of `load_video`.
-
-    Raises:
-        SkipSample: the file is missing (missing_audio), undecodable or has no audio
-            stream (unreadable_audio), or holds no samples.
-    """
-    if path.lower().endswith(SOUNDFILE_SUFFIXES):
-        return load_wav(path)
-    import av
-
-    if not os.path.isfile(path):
-        raise SkipSample("missing_audio", f"no audio file {path}")
-    try:
-        with av.open(path) as container:
-            if not container.streams.audio:
-                raise SkipSample("unreadable_audio", f"{path}: no audio stream")
-            return _decode_audio(container, path)
-    except SkipSample:
-        raise
-    except Exception as exc:  # noqa: BLE001 - FFmpeg errors come in many types
-        raise SkipSample("unreadable_audio", f"{path}: {exc}") from None
-
-
-def load_video(path: str, num_frames: int, image_size: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Decode an MP4 (any container PyAV reads): T frames evenly spaced in time + audio.
-
-    Frame t is the first frame at or after the centre of the t-th of T equal segments of
-    the video (one frame per second for AVE's 10 s clips and T=10).
-
-    Args:
-        path: the video file.
-        num_frames: T.
-        image_size: output side.
-
-    Returns:
-        (T frames as (S, S, 3) uint8 arrays, 1-D float32 waveform at 16 kHz).
-        Raises `SkipSample` for a missing/undecodable file or one without video or audio.
-    """
-    import av
-
-    if not os.path.isfile(path):
-        raise SkipSample("missing_video", f"no video file {path}")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise SkipSample("unreadable_video", f"{path}: no video stream")
-            if not container.streams.audio:
-                raise SkipSample("missing_audio", f"{path}: no audio stream")
-            frames = _decode_frames(container, num_frames, image_size, path)
-        with av.open(path) as container:
-            wave = _decode_audio(container, path)
-    except SkipSample:
-        raise
-    except Exception as exc:  # noqa: BLE001 - FFmpeg errors come in many types
-        raise SkipSample("unreadable_video", f"{path}: {exc}") from None
-    return frames, wave
-
-
-def _frame_time(frame, position: int) -> float:
-    if frame.pts is None or frame.time_base is None:
-        return float(position)  # no timestamps: fall back to frame positions
-    return float(frame.pts * frame.time_base)
-
-
-def _decode_frames(container, num_frames: int, image_size: int, path: str) -> list[np.ndarray]:
-    """T frames at the centres of T equal time segments, decoding in one streaming pass.
-
-    Only the chosen frames are kept (a 10 s clip has ~250 full-size frames); when the
-    container does not state its duration, resized copies of all frames are kept instead.
-    """
-    stream = container.streams.video[0]
-    duration = None
-    if stream.duration is not None and stream.time_base is not None:
-        duration = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        duration = container.duration / 1_000_000  # av.time_base: microseconds
-    start = float(stream.start_time * stream.time_base) if (
-        stream.start_time is not None and stream.time_base is not None) else 0.0
-    if duration:
-        targets = start + (np.arange(num_frames) + 0.5) * duration / num_frames
-        chosen: list[np.ndarray] = []
-        previous = None  # the latest decoded frame
-        for position, frame in enumerate(container.decode(stream)):
-            previous = frame
-            t = _frame_time(frame, position)
-            if t >= targets[len(chosen)] - 1e-6:
-                image = resize_frame(frame.to_image(), image_size)
-                while len(chosen) < num_frames and t >= targets[len(chosen)] - 1e-6:
-                    chosen.append(image)
-                if len(chosen) == num_frames:
-                    break
-        if previous is None:
-            raise SkipSample("unreadable_video", f"{path}: no decodable video frames")
-        if len(chosen) < num_frames:  # frames end before the stated duration: repeat the last
-            image = resize_frame(previous.to_image(), image_size)
-            chosen.extend([image] * (num_frames - len(chosen)))
-        return chosen
-    decoded = [(_frame_time(f, i), resize_frame(f.to_image(), image_size))
-               for i, f in enumerate(container.decode(stream))]
-    if not decoded:
-        raise SkipSample("unreadable_video", f"{path}: no decodable video frames")
-    times = np.array([t for t, _ in decoded])
-    step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
-    span = times[-1] - times[0] + step
-    targets = times[0] + (np.arange(num_frames) + 0.5) * span / num_frames
-    picks = np.minimum(np.searchsorted(times, targets - 1e-6), len(decoded) - 1)
-    return [decoded[int(i)][1] for i in picks]
-
-
-def _decode_audio(container, path: str) -> np.ndarray:
-    import av
-
-    stream = container.streams.audio[0]
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-    chunks = []
-    for frame in container.decode(stream):
-        for out in resampler.resample(frame):
-            chunks.append(out.to_ndarray().reshape(-1))
-    for out in resampler.resample(None):  # flush
-        chunks.append(out.to_ndarray().reshape(-1))
-    if not chunks:
-        raise SkipSample("missing_audio", f"{path}: the audio stream has no samples")
-    return np.concatenate(chunks).astype(np.float32)
 
 
 # -- bookkeeping -----------------------------------------------------------------------------

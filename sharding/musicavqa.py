@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from avpea_ray.data.audio import AudioConfig
+# One tokenizer for sharding and prediction, in the library.
+from avpea_ray.data.questions import PAD, UNK, tokenize
 from sharding import common, run
 
 DATASET = "musicavqa"
 AUDIO = AudioConfig()  # 1.95 s windows, 192 fbank frames
 KEPT_FIELDS = ("video_id", "question_id", "type", "question_content", "templ_values", "anser")
-PAD, UNK = "<pad>", "<unk>"  # question-word ids 0 and 1
 PLACEHOLDER = re.compile(r"<[A-Za-z_]+>")
-QUESTION_MARKS = "?\uff1f"  # ASCII and full-width
 
 
 class MalformedRecord(Exception):
@@ -84,11 +84,6 @@ def fill_question(content: str, templ_values: list[str]) -> str:
                               f"templ_values has {len(templ_values)} value(s)")
     values = iter(templ_values)
     return PLACEHOLDER.sub(lambda _: next(values), content)
-
-
-def tokenize(question: str) -> list[str]:
-    """Lower-cased words of a filled question, the final (ASCII or full-width) '?' removed."""
-    return question.strip().rstrip(QUESTION_MARKS).strip().lower().split()
 
 
 def parse_record(record: Any) -> Question:

@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from avpea_ray.data import shards
-from avpea_ray.data.audio import AudioConfig, waveform_to_windows
+from avpea_ray.data import media, shards
+from avpea_ray.data.audio import AudioConfig
 from sharding import common
 
 
@@ -222,18 +222,16 @@ def find_audio(audio_dir: str, video_id: str, suffixes: Sequence[str]) -> str:
 
 
 def make_sample(job: MediaJob) -> dict:
-    """Decode a video's frames and audio and encode the job's sample.
+    """Decode a video's frames and audio and encode the job's sample (`media.clip_sample`,
+    which prediction uses too).
 
     Raises:
         common.SkipSample: missing or unreadable media.
     """
+    key = shards.sample_key(job.sample_id or job.video_id)
     if job.videos_dir is not None:
-        frames, wave = common.load_video(os.path.join(job.videos_dir, f"{job.video_id}.mp4"),
-                                         job.num_frames, job.image_size)
-    else:
-        frames = common.load_frames(os.path.join(job.frames_dir, job.video_id), job.num_frames,
-                                    job.image_size)
-        wave = common.load_audio(find_audio(job.audio_dir, job.video_id, job.audio_suffixes))
-    fbank = waveform_to_windows(wave, job.num_frames, job.audio)
-    return shards.encode_sample(shards.sample_key(job.sample_id or job.video_id), frames, fbank,
-                                job.meta)
+        return media.clip_sample(key, job.meta, job.num_frames, job.image_size, job.audio,
+                                 video=os.path.join(job.videos_dir, f"{job.video_id}.mp4"))
+    return media.clip_sample(key, job.meta, job.num_frames, job.image_size, job.audio,
+                             frames=os.path.join(job.frames_dir, job.video_id),
+                             audio_file=find_audio(job.audio_dir, job.video_id, job.audio_suffixes))

@@ -4,6 +4,7 @@
     avpea_ray.cli, avpea_ray.__main__   the command line
     avpea_ray.tune                   sweeps
     avpea_ray.train                  one run: checks, Ray, loop, checkpoints, tracking
+    avpea_ray.infer                  using trained adapters: predict, batch inference on Ray Data
     avpea_ray.tasks                  one module per task + the registry
     avpea_ray.{model,heads,data,metrics}   the parts (none imports another)
     avpea_ray.{config,hub,atomic}    the base
@@ -23,7 +24,7 @@ LEVEL = {
     "jobs": 6, "bench": 6, "avpea_cli": 6, "deploy": 6,
     "avpea_ray.cli": 5, "avpea_ray.__main__": 5,
     "avpea_ray.tune": 4,
-    "avpea_ray.train": 3,
+    "avpea_ray.train": 3, "avpea_ray.infer": 3,
     "avpea_ray.tasks": 2, "sharding": 2,
     "avpea_ray.model": 1, "avpea_ray.heads": 1, "avpea_ray.data": 1, "avpea_ray.metrics": 1,
     "avpea_ray.config": 0, "avpea_ray.hub": 0, "avpea_ray.atomic": 0, "avpea_ray": 0,

@@ -1,6 +1,7 @@
 """AVE event localisation: CMBS's supervised model as the head, per-second accuracy (the CMBS rule)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -92,6 +93,10 @@ class AVELTask(Task):
     @classmethod
     def from_config(cls, cfg, index) -> "AVELTask":
         return cls(cfg, index.extra.get("categories"))
+
+    def adapter_files(self) -> dict[str, bytes]:
+        """The class names, background last (`predict` labels each second with them)."""
+        return {"classes.json": json.dumps(self.class_names, ensure_ascii=False).encode("utf-8")}
 
     def data_head_args(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes}

@@ -94,6 +94,10 @@ class AVQATask(Task):
             raise ConfigError(f"data.vocab: AVQA vocabulary {url!r} not found: shard the train split "
                               f"with sharding.musicavqa or set data.vocab") from err
 
+    def adapter_files(self) -> dict[str, bytes]:
+        """The vocabularies (`predict` turns questions into ids and answers into words)."""
+        return {"vocab.json": json.dumps(self.vocab, indent=1, ensure_ascii=False).encode("utf-8")}
+
     def data_head_args(self) -> dict[str, Any]:
         return {"vocab_size": len(self.vocab["question_words"]), "num_answers": len(self.answers)}
 

@@ -94,6 +94,11 @@ class Task:
         """Everything the head is built with besides the trunk width."""
         return self.data_head_args() | asdict(self.cfg.head)
 
+    def adapter_files(self) -> dict[str, bytes]:
+        """Files saved beside the adapters that using them needs besides the weights (a
+        vocabulary, class names): name -> content."""
+        return {}
+
     def check(self, model: nn.Module) -> None:
         """Checks of this task's settings against the built model (on the meta device) and the
         machine, before any worker starts; raise ConfigError naming the field."""

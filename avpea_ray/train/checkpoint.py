@@ -6,6 +6,9 @@ Layout of one checkpoint directory (Ray Train merges the files every rank report
     adapters/                  current adapters + head (PEFT-style adapter files)
     best_adapters/             the best-on-validation adapters + head so far
         tokenizer/             (avr, avc) the caption tokenizer, as `save_pretrained` writes it
+        inputs.json            how the training clips were made (frames, image size, fbank
+                               settings), the seed a random backbone was drawn with
+        vocab.json             (avqa) the question and answer vocabularies; (avel) classes.json
     train_state.pt             optimiser, scheduler (tensors and plain data only)
     rng-rank{R}.json           each rank's Python / NumPy / torch RNG states, as plain JSON
     avpea_checkpoint.json      the manifest: progress, reader position (with the shard index's
@@ -99,14 +102,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+INPUTS_NAME = "inputs.json"
+INPUTS_FORMAT = "avpea-inputs/1"
+
+
+def inputs_json(cfg, train_index) -> bytes:
+    """`inputs.json` of a run's adapter folders: the train split's clip settings (a video
+    given to `predict` is made into the same clip), where that split is, and the seed a random
+    backbone was drawn with (`torch.manual_seed(data.seed)` right before the model is built)."""
+    from ..data.media import ClipSpec
+
+    doc = {"format": INPUTS_FORMAT, "clips": ClipSpec.from_index(train_index).to_json(),
+           "seed": cfg.data.seed, "train": cfg.data.train}
+    return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+
+
 def write_checkpoint(directory: Path, *, rank: int, world_size: int, model: AVPEAModel,
                      config: dict, optimizer, scheduler, progress: Progress, reader_state: dict,
-                     best_state: dict[str, torch.Tensor] | None, tokenizer=None) -> None:
+                     best_state: dict[str, torch.Tensor] | None, tokenizer=None,
+                     files: dict[str, bytes] | None = None) -> None:
     """Write this rank's part of a checkpoint into the local `directory`.
 
     Rank 0 writes everything shared (DDP keeps the trainable state identical on all ranks)
     and the manifest; every rank writes its own RNG state. A task's tokenizer (retrieval,
-    captioning) is saved beside the adapters so that they can be used without the data.
+    captioning) is saved beside the adapters so that they can be used without the data, and so
+    are `files` (`inputs.json`, a task's vocabulary): what prediction needs besides the weights.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
@@ -117,10 +137,12 @@ def write_checkpoint(directory: Path, *, rank: int, world_size: int, model: AVPE
     if best_state is not None:
         save_adapters(model, directory / "best_adapters", tensors=best_state,
                       extra={"best_epoch": progress.best_epoch, "best_score": progress.best_score})
-    if tokenizer is not None:
-        for folder in ("adapters", "best_adapters"):
-            if (directory / folder).exists():
+    for folder in ("adapters", "best_adapters"):
+        if (directory / folder).exists():
+            if tokenizer is not None:
                 tokenizer.save_pretrained(str(directory / folder / "tokenizer"))
+            for name, data in (files or {}).items():
+                (directory / folder / name).write_bytes(data)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                directory / "train_state.pt")
     files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}

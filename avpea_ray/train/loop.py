@@ -32,7 +32,7 @@ from ..model.adapter_io import initialise_from
 from ..model.task_model import AVPEAModel
 from ..tasks import build_model, make_task, register
 from ..tasks.distributed import gather_objects, is_distributed
-from .checkpoint import (Progress, latest_intact, read_adapter_source, read_checkpoint, upload_files,
+from .checkpoint import (Progress, inputs_json, latest_intact, read_adapter_source, read_checkpoint, upload_files,
                          write_checkpoint)
 from .config import TrainConfig
 from .tracking import MetricLogger, start_system_metrics
@@ -55,7 +55,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     random.seed(f"avpea/{cfg.data.seed}/{rank}")
     np.random.seed((cfg.data.seed * 1_000_003 + rank) % 2**32)
 
-    task = make_task(cfg, read_index(cfg.data.train))
+    train_index = read_index(cfg.data.train)
+    task = make_task(cfg, train_index)
+    adapter_files = task.adapter_files() | {"inputs.json": inputs_json(cfg, train_index)}
     model = build_model(cfg.model, cfg.task, task.head_args()).to(device)
     if cfg.model.init_from:  # a resume then restores its own checkpoint over it
         loaded, fresh = initialise_from(model, *read_adapter_source(cfg.model.init_from), cfg.model.init_from)
@@ -112,7 +114,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             write_checkpoint(Path(directory), rank=rank, world_size=world_size, model=model,
                              config=loop_config["config"], optimizer=optimizer, scheduler=scheduler,
                              progress=progress, reader_state=train_stream.state_dict(),
-                             best_state=best_state, tokenizer=getattr(task, "tokenizer", None))
+                             best_state=best_state, tokenizer=getattr(task, "tokenizer", None),
+                             files=adapter_files)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              # Unique per attempt: a resumed attempt re-reaches the steps of
                              # checkpoints that still exist (Ray would delete the new one
