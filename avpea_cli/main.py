@@ -129,6 +129,12 @@ def _predict(argv: list[str]) -> int:
     return run_predict(argv, prog=f"{PROG} predict")
 
 
+def _infer(argv: list[str]) -> int:
+    from avpea_cli.predict import run_infer
+
+    return run_infer(argv, prog=f"{PROG} infer")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train or resume one run (task from the config; no config: the demo)"),
     "sweep": (_sweep, "a Ray Tune sweep over reduction factor, gating and learning rate"),
@@ -136,6 +142,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "validate": (_validate, "check a sharded split"),
     "params": (_params, "parameter counts of a model, no weights needed"),
     "predict": (_predict, "trained adapters applied to video files (answers, events, captions, ranks)"),
+    "infer": (_infer, "batch inference on Ray Data over a split's shards or a list of videos"),
 }
 
 

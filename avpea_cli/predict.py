@@ -89,3 +89,77 @@ def run_predict(argv: list[str], prog: str) -> int:
                           "never appeared in the training questions (read as <unk>); the answer may "
                           "not use them", file=sys.stderr)
     return 0
+
+
+INFER_HELP = """Batch inference on Ray Data: every question (avqa) or clip (avel, avc, avr) of a
+split's shards or of a list of videos, one row each, to Parquet or JSONL (local or s3://).
+Clips are decoded in CPU tasks and predicted in an actor pool (one model per actor, one GPU
+each with --use-gpu); items that cannot be used are listed with their id and reason in the
+report file (default <out>.report.json) and the rest are processed (--strict: stop instead).
+
+examples:
+  avpea-ray infer runs/avqa-demo/best_adapters --shards demo_data/shards/test --out preds/avqa-test
+  avpea-ray infer runs/avel-demo/best_adapters --videos archive.txt --format jsonl \\
+      --out s3://YOUR-BUCKET/avpea/preds/ave --use-gpu --concurrency 8 --batch-size 32
+  avpea-ray infer runs/avqa-demo/best_adapters --videos archive.txt --question "Is the violin playing?" \\
+      --out preds/violin --strict
+
+On a cluster: ray job submit --working-dir . -- avpea-ray infer ... --use-gpu --concurrency N
+(RAY_ADDRESS set: joins that cluster; otherwise a local Ray starts)."""
+
+
+def build_infer_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=INFER_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapters", help="an adapter directory, readable from every node")
+    parser.add_argument("--shards", metavar="URL", help="a split's shards (its folder or shards.json)")
+    parser.add_argument("--videos", metavar="FILE", help="a text file, one video path per line")
+    parser.add_argument("--question", action="append", default=[], metavar="TEXT",
+                        help="avqa with --videos: a question asked about every video (repeat)")
+    parser.add_argument("--out", required=True, metavar="URL", help="output folder, local or s3://")
+    parser.add_argument("--format", default="parquet", choices=("parquet", "jsonl"))
+    parser.add_argument("--report", metavar="URL", help="the report file (default: <out>.report.json)")
+    parser.add_argument("--weights", help="the backbone's weights (default: as in training)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per model call (default 8)")
+    parser.add_argument("--concurrency", type=int, default=1, help="prediction actors (default 1)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=3, help="avqa: answers kept per question")
+    parser.add_argument("--beam-size", type=int, default=3, help="avc: beam size (1 = greedy)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unusable item")
+    return parser
+
+
+def run_infer(argv: list[str], prog: str) -> int:
+    """`avpea-ray infer`: exit 0, 1 when items failed, 2 with one `error:` line for bad input."""
+    args = build_infer_parser(prog).parse_args(argv)
+    from avpea_ray.config import ConfigError
+    from avpea_ray.infer.batch import InferConfig, infer
+
+    try:
+        videos = None
+        if args.videos:
+            try:
+                with open(args.videos, encoding="utf-8") as f:
+                    videos = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(f"--videos {args.videos}: cannot read it ({err})") from None
+        config = InferConfig(batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
+                             cpus_per_actor=args.cpus_per_actor, top_k=args.top_k, beam_size=args.beam_size,
+                             strict=args.strict)
+        summary = infer(args.adapters, args.out, shards_url=args.shards, videos=videos, fmt=args.format,
+                        report=args.report, weights=args.weights, questions=args.question or None,
+                        config=config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{summary['rows']} rows -> {summary['out']} ({summary['format']}) in {summary['seconds']} s: "
+          f"{summary['rows_per_s']} rows/s")
+    if "accuracy" in summary:
+        acc = summary["accuracy"]
+        print(f"accuracy from the rows: avg {acc.get('avg', float('nan')):.2f}%, "
+              f"overall {acc.get('overall', float('nan')):.2f}%")
+    for item in summary["items"][:20]:
+        print(f"  failed {item['id']}: {item['reason']} ({item['detail']})", file=sys.stderr)
+    print(f"report: {summary['report']}" + (f" ({summary['failed']} failed)" if summary["failed"] else ""))
+    return 1 if summary["failed"] else 0

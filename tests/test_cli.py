@@ -18,7 +18,7 @@ def test_the_console_script_is_installed_and_lists_every_command():
     script = Path(sys.executable).parent / "avpea-ray"
     assert script.exists(), "pip install -e . installs the avpea-ray console script"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("train", "sweep", "shard", "validate", "params"):
+    for command in ("train", "sweep", "shard", "validate", "params", "predict", "infer"):
         assert f"  {command}" in out, out
 
 
@@ -28,9 +28,11 @@ def test_the_console_script_is_installed_and_lists_every_command():
     ("shard", "avpea-ray shard musicavqa --annotations"),
     ("validate", "avpea-ray validate s3://"),
     ("params", "avpea-ray params --task avel"),
+    ("predict", "avpea-ray predict runs/avqa-demo/best_adapters --video concert.mp4"),
+    ("infer", "avpea-ray infer runs/avqa-demo/best_adapters --shards demo_data/shards/test"),
 ])
 def test_each_command_has_help_with_a_real_example(command, example, capsys):
-    assert set(COMMANDS) == {"train", "sweep", "shard", "validate", "params"}
+    assert set(COMMANDS) == {"train", "sweep", "shard", "validate", "params", "predict", "infer"}
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert example in out, out
