@@ -69,8 +69,10 @@ def test_two_worker_ddp_learns_tracks_and_counts_a_missing_test_shard(avqa_shard
     assert summary["best_val_score"] == pytest.approx(max(val_avg))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "summary.json", "accuracy_per_type.png", "adapters"} <= artifacts
+    # The best adapters with what `predict` needs besides them: clip settings and the vocabulary.
     assert {a.path for a in client.list_artifacts(run.info.run_id, "adapters")} == {
-        "adapters/adapter_config.json", "adapters/adapter_model.safetensors"}
+        "adapters/adapter_config.json", "adapters/adapter_model.safetensors", "adapters/inputs.json",
+        "adapters/vocab.json"}
     assert Path(summary["checkpoint"], "adapter_model.safetensors").exists()
 
     assert summary["data_damage"]["test_samples_lost"] == lost.samples

@@ -1,0 +1,249 @@
+"""Using trained adapters: `predict` on real encoded videos gives what the model gives on the
+same video's shard sample; `infer` over a split on a real local Ray Data pipeline writes one
+row per question whose accuracy is the training job's test accuracy; bad inputs are named.
+
+The fast tests use a tiny model saved as training saves it (adapters, `inputs.json`,
+`vocab.json`); the slow ones train the demo-style AVQA model once for the whole module."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avpea_ray.config import ConfigError
+from avpea_ray.data.audio import AudioConfig
+from avpea_ray.data.media import ClipSpec
+from avpea_ray.infer import Media, MediaError, Predictor, predict
+from avpea_ray.model import ModelConfig
+from avpea_ray.model.adapter_io import save_adapters
+from avpea_ray.tasks import build_model
+from tests.media import frame_color, tone
+
+T, SIZE = 4, 32
+AUDIO = AudioConfig()  # MUSIC-AVQA's: 1.95 s windows, 192 fbank frames
+VOCAB = {"question_words": ["<pad>", "<unk>", "is", "the", "violin", "playing", "how", "many",
+                            "instruments", "are", "sounding", "where"],
+         "answers": ["yes", "no", "one", "two", "left", "right"], "answer_counts": [5, 4, 3, 2, 1, 1]}
+TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32}
+
+
+def write_video(path: Path, seconds: float = 5, fps: int = 5, audio: bool = True,
+                codec: str = "libx264") -> Path:
+    """A real encoded video (H.264 + AAC in MP4 by default): second s shows `frame_color(s)`
+    with a moving bar, a 440 Hz tone from the middle on."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream(codec, rate=fps)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream("aac", rate=44_100, layout="stereo") if audio else None
+        for i in range(int(seconds * fps)):
+            img = np.zeros((48, 64, 3), np.uint8)
+            img[:] = frame_color(i // fps)
+            img[:, (i * 3) % 64:(i * 3) % 64 + 6] = 255
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        if sound is not None:
+            wave = tone(seconds, 440.0, 44_100, silent_until=seconds / 2)
+            stereo = np.stack([wave, wave])
+            for start in range(0, stereo.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[:, start:start + 1024]),
+                                                   format="fltp", layout="stereo")
+                frame.sample_rate, frame.pts = 44_100, start
+                for packet in sound.encode(frame):
+                    out.mux(packet)
+            for packet in sound.encode():
+                out.mux(packet)
+    return path
+
+
+def save_tiny_adapters(folder: Path, task: str = "avqa", seed: int = 7) -> Path:
+    """A tiny model's adapters saved as training saves them: the random backbone drawn right
+    after `torch.manual_seed(seed)`, inputs.json and the task's files beside the weights."""
+    head = {"avqa": {"vocab_size": len(VOCAB["question_words"]), "num_answers": len(VOCAB["answers"]),
+                     "hidden": 32},
+            "avel": {"num_classes": 4, "hidden": 32, "architecture": "compact"}}[task]
+    config = ModelConfig(backbone="vit_base_patch16_224", weights="random", backbone_kwargs=dict(TINY))
+    torch.manual_seed(seed)
+    model = build_model(config, task, head)
+    with torch.no_grad():  # gates open and adapters non-trivial: the comparison exercises them
+        for name, p in model.trainable_named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_adapters(model, folder)
+    spec = ClipSpec("musicavqa" if task == "avqa" else "ave", T, SIZE, AUDIO)
+    (folder / "inputs.json").write_text(json.dumps({"format": "avpea-inputs/1", "clips": spec.to_json(),
+                                                    "seed": seed, "train": ""}))
+    if task == "avqa":
+        (folder / "vocab.json").write_text(json.dumps(VOCAB))
+    else:
+        (folder / "classes.json").write_text(json.dumps(["guitar", "dog", "car", "bell", "background"]))
+    return folder
+
+
+def shard_video_and_read_back(video: Path, out: Path, spec: ClipSpec, meta: dict) -> dict:
+    """The video through the sharders' own path (`sharding.run.make_sample`, `ShardWriter`)
+    and back through the training reader (`ShardStream`, eval order): the one-clip batch the
+    evaluation would see."""
+    from avpea_ray.data.reader import ShardStream
+    from avpea_ray.data.shards import ShardWriter
+    from sharding import run
+
+    job = run.MediaJob(video.stem, meta, spec.num_frames, spec.image_size, spec.audio,
+                       videos_dir=str(video.parent))
+    with ShardWriter(str(out), split="test", dataset=spec.dataset, num_frames=spec.num_frames,
+                     image_size=spec.image_size, audio=spec.audio.__dict__) as writer:
+        writer.write(run.make_sample(job))
+    (batch,) = list(ShardStream(str(out), batch_size=1, training=False, num_workers=0))
+    return batch
+
+
+def questions_meta(predictor: Predictor, questions: list[str]) -> list[dict]:
+    return [{"question": q, "question_tokens": predictor.encode_question(q)[0], "answer_index": -1,
+             "question_type": "Audio-Counting"} for q in questions]
+
+
+def model_answers_on_batch(predictor: Predictor, batch: dict) -> torch.Tensor:
+    """The answer probabilities the model gives on a reader batch, through the task's own
+    `make_batch` and a plain forward: what the evaluation computes."""
+    from avpea_ray.tasks.avqa import AVQATask
+
+    made = AVQATask(None, predictor.vocab).make_batch(batch, predictor.device, training=False)
+    with torch.no_grad():
+        return predictor.model(made.frames, made.fbank, **made.head_inputs)["answer_logits"].softmax(-1)
+
+
+QUESTIONS = ["Is the violin playing?", "How many instruments are sounding?", "Where is the banjo?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_avqa(tmp_path_factory) -> Path:
+    return save_tiny_adapters(tmp_path_factory.mktemp("tiny") / "best_adapters")
+
+
+def test_predict_on_an_encoded_video_equals_the_model_on_its_shard_sample(tiny_avqa, tmp_path, one_torch_thread):
+    video = write_video(tmp_path / "videos" / "concert.mp4")
+    predictor = Predictor.load(str(tiny_avqa), device="cpu")
+    result = predict(predictor, [Media(video=str(video))], questions=QUESTIONS, top_k=3)
+    answers = result["results"][0]["answers"]
+
+    batch = shard_video_and_read_back(video, tmp_path / "shards", predictor.clips,
+                                      {"video_id": "concert", "questions": questions_meta(predictor, QUESTIONS)})
+    probs = model_answers_on_batch(predictor, batch)
+    assert [a["answer"] for a in answers] == [VOCAB["answers"][i] for i in probs.argmax(-1).tolist()]
+    # Not just the same argmax: the very same numbers (same frames, same fbank windows).
+    assert [a["probability"] for a in answers] == [float(p) for p in probs.max(-1).values]
+    assert len(answers[0]["top_k"]) == 3
+    assert answers[2]["unknown_words"] == ["banjo"] and answers[0]["unknown_words"] == []
+
+
+def test_a_frames_folder_plus_audio_is_read_like_the_sharders_read_it(tiny_avqa, tmp_path, one_torch_thread):
+    from tests.media import write_frames, write_wav
+
+    write_frames(str(tmp_path / "frames" / "v1"), 6)
+    write_wav(str(tmp_path / "v1.wav"), tone(6.0))
+    predictor = Predictor.load(str(tiny_avqa), device="cpu")
+    clip = predictor.clip(frames=str(tmp_path / "frames" / "v1"), audio=str(tmp_path / "v1.wav"))
+    from avpea_ray.data.shards import decode_sample
+    from sharding import run
+
+    job = run.MediaJob("v1", {"video_id": "v1"}, T, SIZE, AUDIO, frames_dir=str(tmp_path / "frames"),
+                       audio_dir=str(tmp_path))
+    sharded = decode_sample(run.make_sample(job))
+    assert torch.equal(clip["frames"], sharded["frames"]) and torch.equal(clip["fbank"], sharded["fbank"])
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_a_video_without_sound_is_refused_naming_the_file_and_what_to_do(tiny_avqa, tmp_path):
+    video = write_video(tmp_path / "silent.mp4", audio=False)
+    with pytest.raises(MediaError, match=r"silent\.mp4: no audio stream .*missing_audio.*--frames DIR .*--audio FILE"):
+        predict(str(tiny_avqa), [Media(video=str(video))], questions=QUESTIONS[:1], device="cpu")
+
+
+def test_a_video_shorter_than_the_clips_is_refused(tiny_avqa, tmp_path):
+    video = write_video(tmp_path / "short.mp4", seconds=2)
+    with pytest.raises(MediaError, match=r"short\.mp4: 2\.\d+ s long, shorter than the 4 s .*give a longer clip"):
+        predict(str(tiny_avqa), [Media(video=str(video))], questions=QUESTIONS[:1], device="cpu")
+
+
+def test_an_unreadable_file_is_refused(tiny_avqa, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(MediaError, match=r"broken\.mp4: .*unreadable_video.*ffprobe"):
+        predict(str(tiny_avqa), [Media(video=str(bad))], questions=QUESTIONS[:1], device="cpu")
+
+
+def test_a_question_with_no_known_word_is_refused_before_any_video_is_read(tiny_avqa, tmp_path):
+    with pytest.raises(ConfigError, match=r"'Qu est-ce\?': none of its words is in the vocabulary \(.*vocab\.json, 12 words"):
+        predict(str(tiny_avqa), [Media(video=str(tmp_path / "never-read.mp4"))], questions=["Qu est-ce?"],
+                device="cpu")
+
+
+def test_mismatched_adapter_directories_are_refused(tiny_avqa, tmp_path):
+    # Another task: AVE adapters asked a question.
+    avel = save_tiny_adapters(tmp_path / "avel", task="avel")
+    with pytest.raises(ConfigError, match=r"--question needs adapters trained for question answering .*holds "
+                                          r"adapters for event localisation \(AVE\) \(avel\)"):
+        predict(str(avel), [Media(video="x.mp4")], questions=QUESTIONS[:1], device="cpu")
+    # Another backbone: weights of a wider ViT.
+    import timm
+    from safetensors.torch import save_file
+
+    wide = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **(TINY | {"embed_dim": 96,
+                                                                                              "num_heads": 3}))
+    save_file(wide.state_dict(), str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ConfigError, match=r"wide\.safetensors"):
+        Predictor.load(str(tiny_avqa), weights=str(tmp_path / "wide.safetensors"), device="cpu")
+    # Not an adapter directory at all.
+    with pytest.raises(ConfigError, match=r"not an adapter directory .*best_adapters/"):
+        Predictor.load(str(tmp_path), device="cpu")
+
+
+def test_old_adapter_directories_without_a_vocabulary_point_at_vocab(tiny_avqa, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_avqa, old)
+    (old / "vocab.json").unlink()
+    with pytest.raises(ConfigError, match=r"no vocab\.json .*give --vocab PATH"):
+        Predictor.load(str(old), device="cpu")
+    assert Predictor.load(str(old), vocab=str(tiny_avqa / "vocab.json"), device="cpu").vocab == VOCAB
+
+
+def test_the_cli_prints_a_table_or_json_and_exits_2_on_bad_input(tiny_avqa, tmp_path, capsys, one_torch_thread):
+    from avpea_cli.main import main
+
+    video = write_video(tmp_path / "concert.mp4")
+    assert main(["predict", str(tiny_avqa), "--video", str(video), "--question", QUESTIONS[0],
+                 "--question", QUESTIONS[2], "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "concert.mp4" in out.out and "Is the violin playing?" in out.out and "top answers" in out.out
+    assert "'banjo' never appeared in the training questions" in out.err
+    assert main(["predict", str(tiny_avqa), "--video", str(video), "--question", QUESTIONS[0], "--json",
+                 "--device", "cpu"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["task"] == "avqa" and doc["results"][0]["answers"][0]["answer"] in VOCAB["answers"]
+    assert main(["predict", str(tiny_avqa), "--video", str(tmp_path / "nope.mp4"), "--question", "is it?"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no video file {tmp_path / 'nope.mp4'} (missing_video): check the path"
+
+
+def test_ave_adapters_label_every_second_and_give_the_segment(tmp_path, one_torch_thread):
+    from avpea_ray.infer.predictor import localisation
+
+    avel = save_tiny_adapters(tmp_path / "avel", task="avel")
+    result = predict(str(avel), [Media(video=str(write_video(tmp_path / "clip.mp4")))], device="cpu")
+    entry = result["results"][0]
+    assert len(entry["labels"]) == T and set(entry["labels"]) <= {"guitar", "dog", "car", "bell", "background"}
+    names = ["a", "b", "background"]
+    assert localisation([2, 1, 1, 2, 1, 1, 1, 2], names) == {
+        "labels": ["background", "b", "b", "background", "b", "b", "b", "background"], "event": "b", "segment": [4, 7]}
+    assert localisation([2, 2], names)["segment"] is None
