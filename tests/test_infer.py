@@ -247,3 +247,95 @@ def test_ave_adapters_label_every_second_and_give_the_segment(tmp_path, one_torc
     assert localisation([2, 1, 1, 2, 1, 1, 1, 2], names) == {
         "labels": ["background", "b", "b", "background", "b", "b", "b", "background"], "event": "b", "segment": [4, 7]}
     assert localisation([2, 2], names)["segment"] is None
+
+
+# -- end to end: one training run for the module, a real local Ray Data pipeline ------------------
+
+@pytest.fixture(scope="module")
+def trained_avqa(avqa_shards, tmp_path_factory, ray_local) -> dict:
+    """The demo-style AVQA run (tiny ViT, the session's synthetic shards), trained once: its
+    summary (test accuracies) and published best adapters."""
+    from avpea_ray.cli import run_job
+    from tests.toy import train_overrides
+
+    storage = tmp_path_factory.mktemp("infer-run")
+    summary = storage / "summary.json"
+    args = train_overrides(avqa_shards, storage, **{"run.name": "infer", "optim.epochs": 3})
+    assert run_job("avqa", "", [*args, "--summary-json", str(summary)]) == 0
+    doc = json.loads(summary.read_text())
+    assert Path(doc["best_adapters"], "inputs.json").is_file() and Path(doc["best_adapters"], "vocab.json").is_file()
+    return doc
+
+
+def _read_rows(out: Path, fmt: str) -> list[dict]:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(str(out)).to_pylist()
+    return [json.loads(line) for f in sorted(out.glob("*.json*")) for line in f.read_text().splitlines() if line]
+
+
+@pytest.mark.slow
+def test_infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avqa, avqa_shards, tmp_path):
+    """One row per test question through `map_batches` on the session's Ray cluster, and the
+    accuracy of those rows is the training job's test accuracy, to the last digit."""
+    from avpea_ray.data.shards import read_index
+    from avpea_ray.infer.batch import InferConfig, avqa_accuracy, infer
+
+    out = tmp_path / "preds"
+    summary = infer(trained_avqa["best_adapters"], str(out), shards_url=avqa_shards["test"],
+                    config=InferConfig(batch_size=5, concurrency=1, decode_cpus=0.5))
+    rows = _read_rows(out, "parquet")
+    index = read_index(avqa_shards["test"])
+    assert len(rows) == index.extra["num_questions"] == summary["rows"]
+    assert len({r["id"] for r in rows}) == len(rows)  # one row per question
+    accuracy = avqa_accuracy(rows)
+    assert accuracy["avg"] == trained_avqa["avg_acc"] and accuracy["overall"] == trained_avqa["overall_acc"]
+    for name, value in trained_avqa["accuracies"].items():
+        assert accuracy[name] == value, name
+    assert summary["accuracy"]["avg"] == trained_avqa["avg_acc"]
+    report = json.loads(Path(summary["report"]).read_text())
+    assert report["failed"] == 0 and report["rows_per_s"] > 0
+    assert report["ray_data"] == {"batch_size": 5, "concurrency": 1, "num_gpus_per_actor": 0, "num_cpus_per_actor": 1.0}
+
+
+@pytest.mark.slow
+def test_predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trained_avqa, avqa_shards, tmp_path,
+                                                                                 one_torch_thread):
+    from avpea_ray.data.reader import ShardStream
+
+    predictor = Predictor.load(trained_avqa["best_adapters"], device="cpu")
+    video = write_video(tmp_path / "videos" / "duet.mp4", seconds=6)
+    first = next(iter(ShardStream(avqa_shards["test"], batch_size=1, training=False, num_workers=0)))
+    questions = [q["question"] for q in first["meta"][0]["questions"]]  # questions of the test split
+    answers = predict(predictor, [Media(video=str(video))], questions=questions)["results"][0]["answers"]
+    batch = shard_video_and_read_back(video, tmp_path / "shards", predictor.clips,
+                                      {"video_id": "duet", "questions": questions_meta(predictor, questions)})
+    probs = model_answers_on_batch(predictor, batch)
+    assert [a["answer_index"] for a in answers] == probs.argmax(-1).tolist()
+    assert [a["probability"] for a in answers] == [float(p) for p in probs.max(-1).values]
+
+
+@pytest.mark.slow
+def test_infer_on_videos_reports_bad_items_and_processes_the_rest(tiny_avqa, tmp_path, ray_local):
+    from avpea_ray.infer.batch import InferConfig, StrictError, infer
+
+    good = write_video(tmp_path / "v" / "good.mp4")
+    silent = write_video(tmp_path / "v" / "silent.mp4", audio=False)
+    short = write_video(tmp_path / "v" / "short.mp4", seconds=2)
+    broken = tmp_path / "v" / "broken.mp4"
+    broken.write_bytes(b"not a video" * 50)
+    videos = [str(p) for p in (good, silent, short, broken)]
+    out = tmp_path / "preds"
+    summary = infer(str(tiny_avqa), str(out), videos=videos, fmt="jsonl", questions=QUESTIONS[:2],
+                    config=InferConfig(batch_size=2, decode_cpus=0.5))
+    rows = _read_rows(out, "jsonl")
+    assert [(r["video_id"], r["question"]) for r in sorted(rows, key=lambda r: r["id"])] == [
+        ("good", QUESTIONS[0]), ("good", QUESTIONS[1])]
+    report = json.loads(Path(summary["report"]).read_text())
+    assert {i["id"]: i["reason"] for i in report["items"]} == {
+        str(silent): "missing_audio", str(short): "too_short", str(broken): "unreadable_video"}
+    assert all(i["id"].rsplit("/", 1)[-1] in i["detail"] for i in report["items"])
+    with pytest.raises(StrictError, match=r"(silent|short|broken)\.mp4: (missing_audio|too_short|unreadable_video)"):
+        infer(str(tiny_avqa), str(tmp_path / "strict"), videos=videos, fmt="jsonl", questions=QUESTIONS[:2],
+              config=InferConfig(batch_size=2, decode_cpus=0.5, strict=True))

@@ -412,6 +412,17 @@ def _numbered(members: Iterable[dict], url: str, started: list[int]) -> Iterator
         yield member
 
 
+def shard_samples(url: str) -> Iterator[dict]:
+    """Every raw sample of one shard, in order, parsed as the reader parses shards (members as
+    raw bytes, nothing unpickled): for tools that read whole shards (batch inference).
+
+    Raises:
+        tarfile.TarError, EOFError, OSError: the shard is damaged or unreadable.
+    """
+    with _open_shard(url) as f:
+        yield from group_by_keys(_numbered(tar_file_iterator(f), url, [-1]), lcase=False)
+
+
 class _EpochDataset(IterableDataset):
     """What each DataLoader worker iterates: its slot's batches for the current epoch.
 

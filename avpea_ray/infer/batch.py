@@ -23,6 +23,7 @@ import numpy as np
 from ..config import ConfigError
 from ..data import shards, storage
 from ..data.media import ClipSpec, SkipSample, clip_sample
+from ..data.reader import shard_samples
 from .predictor import Predictor, media_error
 
 FORMATS = ("parquet", "jsonl")
@@ -97,21 +98,18 @@ class ShardSamples:
     def __call__(self, row: dict) -> Iterator[dict]:
         import tarfile
 
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
         url = row["url"]
         try:
-            with storage.open_url(url, "rb") as f:
-                for sample in group_by_keys(tar_file_iterator(f), lcase=False):
-                    key = sample.get("__key__", "?")
-                    try:
-                        decoded = shards.decode_sample(sample)
-                        if decoded["frames"].shape[0] != self.num_frames:
-                            raise ValueError(f"{decoded['frames'].shape[0]} frames, expected {self.num_frames}")
-                    except Exception as exc:  # noqa: BLE001 - any undecodable member
-                        yield _failed(key, url, "undecodable_sample", f"{url}: {exc}", self.strict)
-                        continue
-                    yield _clip_row(key, url, decoded)
+            for sample in shard_samples(url):
+                key = sample.get("__key__", "?")
+                try:
+                    decoded = shards.decode_sample(sample)
+                    if decoded["frames"].shape[0] != self.num_frames:
+                        raise ValueError(f"{decoded['frames'].shape[0]} frames, expected {self.num_frames}")
+                except Exception as exc:  # noqa: BLE001 - any undecodable member
+                    yield _failed(key, url, "undecodable_sample", f"{url}: {exc}", self.strict)
+                    continue
+                yield _clip_row(key, url, decoded)
         except (tarfile.TarError, EOFError, OSError) as exc:
             yield _failed(url, url, "damaged_shard", f"{url}: {exc}; the samples after the damage are "
                                                      "not read: re-shard the split or validate it", self.strict)
