@@ -69,9 +69,11 @@ def write_video(path: Path, seconds: float = 5, fps: int = 5, audio: bool = True
 def save_tiny_adapters(folder: Path, task: str = "avqa", seed: int = 7) -> Path:
     """A tiny model's adapters saved as training saves them: the random backbone drawn right
     after `torch.manual_seed(seed)`, inputs.json and the task's files beside the weights."""
+    from tests.toy import TINY_HEADS
+
     head = {"avqa": {"vocab_size": len(VOCAB["question_words"]), "num_answers": len(VOCAB["answers"]),
                      "hidden": 32},
-            "avel": {"num_classes": 4, "hidden": 32, "architecture": "compact"}}[task]
+            "avel": {"num_classes": 4, "hidden": 32, "architecture": "compact"}}.get(task) or TINY_HEADS[task]
     config = ModelConfig(backbone="vit_base_patch16_224", weights="random", backbone_kwargs=dict(TINY))
     torch.manual_seed(seed)
     model = build_model(config, task, head)
@@ -84,6 +86,14 @@ def save_tiny_adapters(folder: Path, task: str = "avqa", seed: int = 7) -> Path:
                                                     "seed": seed, "train": ""}))
     if task == "avqa":
         (folder / "vocab.json").write_text(json.dumps(VOCAB))
+    elif task in ("avr", "avc"):
+        from transformers import BertTokenizerFast
+
+        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "barks", "guitar", "plays", "car",
+                 "bell", "rings", "the", "on", "left", "right", "loud", "quiet", "man", "woman", "sings",
+                 "piano", "drum", "street", "water", "bird", "wind", "night", "day"]
+        BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(
+            str(folder / "tokenizer"))
     else:
         (folder / "classes.json").write_text(json.dumps(["guitar", "dog", "car", "bell", "background"]))
     return folder
@@ -339,3 +349,23 @@ def test_infer_on_videos_reports_bad_items_and_processes_the_rest(tiny_avqa, tmp
     with pytest.raises(StrictError, match=r"(silent|short|broken)\.mp4: (missing_audio|too_short|unreadable_video)"):
         infer(str(tiny_avqa), str(tmp_path / "strict"), videos=videos, fmt="jsonl", questions=QUESTIONS[:2],
               config=InferConfig(batch_size=2, decode_cpus=0.5, strict=True))
+
+
+def test_captioning_and_retrieval_adapters_caption_and_rank_videos(tmp_path, one_torch_thread):
+    videos = [Media(video=str(write_video(tmp_path / f"clip{i}.mp4", seconds=5 + i))) for i in range(2)]
+    captions = predict(str(save_tiny_adapters(tmp_path / "avc", task="avc")), videos, beam_size=1, device="cpu")
+    assert [r["input"] for r in captions["results"]] == [m.video for m in videos]
+    assert all(isinstance(r["caption"], str) for r in captions["results"]) and captions["decoding"] == "greedy"
+
+    avr = save_tiny_adapters(tmp_path / "avr", task="avr")
+    texts = ["a dog barks", "the piano plays on the left", "water at night"]
+    ranked = predict(str(avr), videos, texts=texts, device="cpu")
+    predictor = Predictor.load(str(avr), device="cpu")
+    similarity = predictor.embed_texts(texts) @ predictor.embed_videos(
+        predictor.batch([predictor.clip(video=m.video) for m in videos])).t()
+    for text, row, entry in zip(texts, similarity, ranked["texts"]):
+        assert entry["text"] == text
+        assert [r["input"] for r in entry["ranking"]] == [videos[j].video for j in row.argsort(descending=True).tolist()]
+    assert [len(r["ranking"]) for r in ranked["results"]] == [3, 3]
+    with pytest.raises(ConfigError, match=r"ranks videos for texts: give --texts FILE"):
+        predict(predictor, videos, device="cpu")
