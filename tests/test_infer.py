@@ -259,6 +259,72 @@ def test_ave_adapters_label_every_second_and_give_the_segment(tmp_path, one_torc
     assert localisation([2, 2], names)["segment"] is None
 
 
+def _shard_videos(tmp_path: Path, names: list[str], predictor: Predictor, questions: list[str]) -> Path:
+    """A test split of encoded videos sharded by the sharders' code, questions with answers."""
+    from avpea_ray.data.shards import ShardWriter
+    from sharding import run
+
+    spec, out = predictor.clips, tmp_path / "shards"
+    with ShardWriter(str(out), split="test", dataset=spec.dataset, num_frames=spec.num_frames,
+                     image_size=spec.image_size, audio=spec.audio.__dict__) as writer:
+        for name in names:
+            video = write_video(tmp_path / "videos" / f"{name}.mp4")
+            meta = {"video_id": name, "questions": [
+                q | {"question_id": n, "answer_index": n % 2} for n, q in enumerate(questions_meta(predictor, questions))]}
+            writer.write(run.make_sample(run.MediaJob(name, meta, spec.num_frames, spec.image_size, spec.audio,
+                                                      videos_dir=str(video.parent))))
+    return out
+
+
+def test_the_actor_answers_every_question_of_a_shard_and_passes_damage_through(tiny_avqa, tmp_path, one_torch_thread):
+    """The pipeline's two stages called directly (Ray runs them in tasks and actors): a row
+    per question; a truncated shard becomes a failure row naming it, and strict raises."""
+    from avpea_ray.data.shards import read_index
+    from avpea_ray.infer.batch import PredictActor, ShardSamples, StrictError
+
+    predictor = Predictor.load(str(tiny_avqa), device="cpu")
+    index = read_index(str(_shard_videos(tmp_path, ["a", "b", "c"], predictor, QUESTIONS[:2])))
+    (url,) = index.shard_urls()
+    clips = list(ShardSamples(T, strict=False)({"url": url}))
+    assert [c["id"] for c in clips] == ["a", "b", "c"] and not any(c["error"] for c in clips)
+    actor = PredictActor(str(tiny_avqa), None, {"top_k": 2}, None)
+    batch = {k: np.array([c[k] for c in clips], dtype=object) for k in clips[0]}
+    out = actor(batch)
+    assert out["id"] == [f"{v}/{n}" for v in "abc" for n in range(2)]
+    assert out["target_index"] == [0, 1] * 3 and out["question"] == QUESTIONS[:2] * 3
+
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(Path(url).read_bytes()[: Path(url).stat().st_size // 2])
+    rows = list(ShardSamples(T, strict=False)({"url": str(damaged)}))
+    assert rows[-1]["error"] == "damaged_shard" and "damaged.tar" in rows[-1]["detail"]
+    out = actor({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]})
+    assert out["error"][-1] == "damaged_shard" and out["id"][-1] == str(damaged)
+    with pytest.raises(StrictError, match=r"damaged\.tar: damaged_shard"):
+        list(ShardSamples(T, strict=True)({"url": str(damaged)}))
+
+
+def test_infer_refuses_bad_settings_before_ray_starts(tiny_avqa, tmp_path):
+    from avpea_ray.infer.batch import InferConfig, infer
+
+    with pytest.raises(ConfigError, match="give either --shards URL"):
+        infer(str(tiny_avqa), str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="--batch-size must be at least 1"):
+        InferConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"avqa on videos: give --question"):
+        infer(str(tiny_avqa), str(tmp_path / "o"), videos=["x.mp4"])
+    other = tmp_path / "other"
+    from avpea_ray.data.shards import ShardWriter
+    from avpea_ray.data.shards import encode_sample
+
+    with ShardWriter(str(other), split="test", dataset="musicavqa", num_frames=2, image_size=SIZE,
+                     audio=AUDIO.__dict__) as writer:
+        writer.write(encode_sample("v", [np.zeros((SIZE, SIZE, 3), np.uint8)] * 2, np.zeros((2, 192, 128)),
+                                   {"video_id": "v", "questions": []}))
+    with pytest.raises(ConfigError, match=r"--shards .*other: clips made with .*num_frames=2.* the adapters were "
+                                          r"trained on .*num_frames=4"):
+        infer(str(tiny_avqa), str(tmp_path / "o"), shards_url=str(other))
+
+
 # -- end to end: one training run for the module, a real local Ray Data pipeline ------------------
 
 @pytest.fixture(scope="module")

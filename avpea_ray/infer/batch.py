@@ -268,10 +268,13 @@ def infer(adapters: str, out: str, *, shards_url: str | None = None, videos: lis
         predictor.require("avqa", "--question")
     if predictor.task == "avr" and not shards_url and not videos:
         raise ConfigError("nothing to embed")
+    index = _check_shards(predictor, shards_url) if shards_url is not None else None
+    if videos is not None and not videos:
+        raise ConfigError("--videos: the list holds no video")
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     started = time.perf_counter()
-    ds = _source(predictor, shards_url, videos, config)
+    ds = _source(predictor, index, videos, config)
     options = {"top_k": config.top_k, "beam_size": config.beam_size, "cpus_per_actor": config.cpus_per_actor}
     predicted = ds.map_batches(
         PredictActor, fn_constructor_kwargs={"adapters": adapters, "weights": weights, "options": options,
@@ -304,25 +307,29 @@ def infer(adapters: str, out: str, *, shards_url: str | None = None, videos: lis
     return summary
 
 
-def _source(predictor: Predictor, shards_url: str | None, videos: list[str] | None, config: InferConfig):
+def _check_shards(predictor: Predictor, shards_url: str) -> shards.ShardIndex:
+    """The split's index, refused unless its clips are made as the adapters' training clips."""
+    try:
+        index = shards.read_index(shards_url)
+    except (shards.ShardIndexError, OSError) as err:
+        raise ConfigError(f"--shards {shards_url}: {err}") from None
+    spec = ClipSpec.from_index(index)
+    if (spec.num_frames, spec.image_size, spec.audio) != (
+            predictor.clips.num_frames, predictor.clips.image_size, predictor.clips.audio):
+        raise ConfigError(f"--shards {shards_url}: clips made with {spec}, the adapters were trained on "
+                          f"{predictor.clips}: shard the videos with the training split's settings")
+    return index
+
+
+def _source(predictor: Predictor, index: shards.ShardIndex | None, videos: list[str] | None,
+            config: InferConfig):
     """The decoded clips as a Ray dataset (decoding in CPU tasks)."""
     import ray
 
-    if shards_url is not None:
-        try:
-            index = shards.read_index(shards_url)
-        except (shards.ShardIndexError, OSError) as err:
-            raise ConfigError(f"--shards {shards_url}: {err}") from None
-        spec = ClipSpec.from_index(index)
-        if (spec.num_frames, spec.image_size, spec.audio) != (
-                predictor.clips.num_frames, predictor.clips.image_size, predictor.clips.audio):
-            raise ConfigError(f"--shards {shards_url}: clips made with {spec}, the adapters were trained on "
-                              f"{predictor.clips}: shard the videos with the training split's settings")
+    if index is not None:
         urls = index.shard_urls()
         return ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls)).flat_map(
             ShardSamples(index.num_frames, config.strict), num_cpus=config.decode_cpus)
-    if not videos:
-        raise ConfigError("--videos: the list holds no video")
     return ray.data.from_items([{"video": v} for v in videos], override_num_blocks=min(len(videos), 64)).map(
         VideoClips(predictor.clips, predictor.min_seconds, config.strict), num_cpus=config.decode_cpus)
 
