@@ -393,7 +393,10 @@ def test_predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(
 
 
 @pytest.mark.slow
-def test_infer_on_videos_reports_bad_items_and_processes_the_rest(tiny_avqa, tmp_path, ray_local):
+def test_infer_on_videos_reports_bad_items_and_processes_the_rest(tiny_avqa, tmp_path, ray_local, s3):
+    """Videos as an archive has them, some unusable; the output and the report go to object
+    storage (the session's S3 server)."""
+    from avpea_ray.data import storage
     from avpea_ray.infer.batch import InferConfig, StrictError, infer
 
     good = write_video(tmp_path / "v" / "good.mp4")
@@ -402,13 +405,15 @@ def test_infer_on_videos_reports_bad_items_and_processes_the_rest(tiny_avqa, tmp
     broken = tmp_path / "v" / "broken.mp4"
     broken.write_bytes(b"not a video" * 50)
     videos = [str(p) for p in (good, silent, short, broken)]
-    out = tmp_path / "preds"
-    summary = infer(str(tiny_avqa), str(out), videos=videos, fmt="jsonl", questions=QUESTIONS[:2],
+    out = s3.make_bucket("avpea-infer") + "/preds/videos"
+    summary = infer(str(tiny_avqa), out, videos=videos, fmt="jsonl", questions=QUESTIONS[:2],
                     config=InferConfig(batch_size=2, decode_cpus=0.5))
-    rows = _read_rows(out, "jsonl")
+    rows = [json.loads(line) for name in storage.list_names(out)
+            for line in storage.read_bytes(storage.join(out, name)).decode().splitlines() if line]
     assert [(r["video_id"], r["question"]) for r in sorted(rows, key=lambda r: r["id"])] == [
         ("good", QUESTIONS[0]), ("good", QUESTIONS[1])]
-    report = json.loads(Path(summary["report"]).read_text())
+    assert summary["report"] == out + ".report.json"
+    report = json.loads(storage.read_bytes(summary["report"]))
     assert {i["id"]: i["reason"] for i in report["items"]} == {
         str(silent): "missing_audio", str(short): "too_short", str(broken): "unreadable_video"}
     assert all(i["id"].rsplit("/", 1)[-1] in i["detail"] for i in report["items"])

@@ -289,7 +289,7 @@ def infer(adapters: str, out: str, *, shards_url: str | None = None, videos: lis
     bad = results.filter(lambda row: bool(row["error"])).select_columns(["id", "error", "detail"]).take_all()
     written = good.count()
     if written:
-        (good.write_parquet if fmt == "parquet" else good.write_json)(out)
+        _write(good, out, fmt)
     seconds = time.perf_counter() - started
     summary = {"adapters": adapters, "task": predictor.task, "input": shards_url or f"{len(videos)} videos",
                "out": out, "format": fmt, "rows": written, "failed": len(bad), "seconds": round(seconds, 2),
@@ -332,6 +332,19 @@ def _source(predictor: Predictor, index: shards.ShardIndex | None, videos: list[
             ShardSamples(index.num_frames, config.strict), num_cpus=config.decode_cpus)
     return ray.data.from_items([{"video": v} for v in videos], override_num_blocks=min(len(videos), 64)).map(
         VideoClips(predictor.clips, predictor.min_seconds, config.strict), num_cpus=config.decode_cpus)
+
+
+def _write(ds, out: str, fmt: str) -> None:
+    """Ray Data's writer into `out`; object stores through the project's own filesystem (the
+    endpoint, credentials and retries every other read and write here uses)."""
+    write = ds.write_parquet if fmt == "parquet" else ds.write_json
+    if storage.is_local(out):
+        write(storage.local_path(out))
+        return
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(out)
+    write(path, filesystem=PyFileSystem(FSSpecHandler(fs)))
 
 
 def _unwrap(err: Exception) -> Exception:
