@@ -440,3 +440,16 @@ def test_captioning_and_retrieval_adapters_caption_and_rank_videos(tmp_path, one
     assert [len(r["ranking"]) for r in ranked["results"]] == [3, 3]
     with pytest.raises(ConfigError, match=r"ranks videos for texts: give --texts FILE"):
         predict(predictor, videos, device="cpu")
+
+
+def test_adapters_on_object_storage_are_fetched(tiny_avqa, s3):
+    """What actors on a cluster read: the adapter directory on s3:// (tokenizer folders too)."""
+    from avpea_ray.data import storage
+
+    url = s3.make_bucket("avpea-adapters") + "/runs/demo/best_adapters"
+    for path in sorted(p for p in tiny_avqa.rglob("*") if p.is_file()):
+        storage.upload_file(str(path), storage.join(url, path.relative_to(tiny_avqa).as_posix()))
+    predictor = Predictor.load(url, device="cpu")
+    assert predictor.task == "avqa" and predictor.vocab == VOCAB and predictor.clips.num_frames == T
+    with pytest.raises(ConfigError, match=r"avpea-adapters/runs/nothing"):
+        Predictor.load(s3.make_bucket("avpea-adapters") + "/runs/nothing", device="cpu")

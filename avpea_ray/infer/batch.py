@@ -39,7 +39,7 @@ class InferConfig:
 
     Args:
         batch_size: clips per model call (`map_batches`' batch_size).
-        concurrency: prediction actors (one model each).
+        concurrency: prediction actors (one model each; `ActorPoolStrategy(size=...)`).
         use_gpu: one GPU per actor (`num_gpus=1`); CPU actors otherwise.
         cpus_per_actor: CPUs each actor reserves.
         decode_cpus: CPUs each decode task reserves.
@@ -279,8 +279,8 @@ def infer(adapters: str, out: str, *, shards_url: str | None = None, videos: lis
     predicted = ds.map_batches(
         PredictActor, fn_constructor_kwargs={"adapters": adapters, "weights": weights, "options": options,
                                              "questions": questions},
-        batch_size=config.batch_size, concurrency=config.concurrency, batch_format="numpy",
-        num_gpus=1 if config.use_gpu else 0, num_cpus=config.cpus_per_actor)
+        batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        batch_format="numpy", num_gpus=1 if config.use_gpu else 0, num_cpus=config.cpus_per_actor)
     try:
         results = predicted.materialize()
     except Exception as err:  # noqa: BLE001 - Ray wraps what the tasks raised
@@ -337,14 +337,17 @@ def _source(predictor: Predictor, index: shards.ShardIndex | None, videos: list[
 def _write(ds, out: str, fmt: str) -> None:
     """Ray Data's writer into `out`; object stores through the project's own filesystem (the
     endpoint, credentials and retries every other read and write here uses)."""
+    from ray.data import SaveMode
+
     write = ds.write_parquet if fmt == "parquet" else ds.write_json
+    # A rerun replaces the previous output (appending would leave every row twice).
     if storage.is_local(out):
-        write(storage.local_path(out))
+        write(storage.local_path(out), mode=SaveMode.OVERWRITE)
         return
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     fs, path = storage.filesystem(out)
-    write(path, filesystem=PyFileSystem(FSSpecHandler(fs)))
+    write(path, filesystem=PyFileSystem(FSSpecHandler(fs)), mode=SaveMode.OVERWRITE)
 
 
 def _unwrap(err: Exception) -> Exception:

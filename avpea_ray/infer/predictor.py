@@ -103,7 +103,7 @@ class Predictor:
             ConfigError: not an adapter directory, weights that do not fit, no vocabulary,
                 no clip settings; each message says what to give instead.
         """
-        directory = str(directory)
+        directory = _local_copy(str(directory))
         try:
             saved = read_adapter_config(directory)
         except FileNotFoundError:
@@ -334,6 +334,22 @@ def localisation(labels: list[int], class_names: list[str]) -> dict:
                 best = (start, t)
             start = None
     return {"labels": names, "event": class_names[events[0]], "segment": list(best)}
+
+
+def _local_copy(directory: str) -> str:
+    """The adapter directory itself when local; an object-store one (`s3://.../best_adapters`,
+    what actors on a cluster read) fetched once into a temporary folder."""
+    if storage.is_local(directory):
+        return storage.local_path(directory)
+    import tempfile
+
+    fs, path = storage.filesystem(directory)
+    local = tempfile.mkdtemp(prefix="avpea-adapters-")
+    try:
+        fs.get(path.rstrip("/") + "/", local, recursive=True)
+    except (FileNotFoundError, OSError) as err:
+        raise ConfigError(f"{directory}: cannot fetch the adapter directory ({err})") from None
+    return local
 
 
 def _read_inputs(directory: str, train_shards: str | None) -> dict:
