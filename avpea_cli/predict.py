@@ -66,6 +66,9 @@ def run_predict(argv: list[str], prog: str) -> int:
     from avpea_ray.infer import Media, format_table, predict
 
     try:
+        for flag, value in (("--top-k", args.top_k), ("--beam-size", args.beam_size or 1)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
         media = [Media(video=v) for v in args.video]
         if args.frames or args.audio:
             if not (args.frames and args.audio):

@@ -1,1 +1,3 @@
-"""Data plane: shard format, object storage, and the exact-epoch streaming reader."""
+"""Data plane: shard format, media decoding (videos, frames + audio -> clips; shared by the
+sharders and prediction), the AVQA question tokenizer, object storage, and the exact-epoch
+streaming reader."""
