@@ -285,8 +285,10 @@ def infer(adapters: str, out: str, *, shards_url: str | None = None, videos: lis
         results = predicted.materialize()
     except Exception as err:  # noqa: BLE001 - Ray wraps what the tasks raised
         raise _unwrap(err) from None
-    good = results.filter(lambda row: not row["error"]).drop_columns(["error", "detail"])
-    bad = results.filter(lambda row: bool(row["error"])).select_columns(["id", "error", "detail"]).take_all()
+    from ray.data.expressions import col
+
+    good = results.filter(expr=col("error") == "").drop_columns(["error", "detail"])
+    bad = results.filter(expr=col("error") != "").select_columns(["id", "error", "detail"]).take_all()
     written = good.count()
     if written:
         _write(good, out, fmt)
