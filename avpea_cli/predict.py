@@ -150,6 +150,11 @@ def run_infer(argv: list[str], prog: str) -> int:
         config = InferConfig(batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
                              cpus_per_actor=args.cpus_per_actor, top_k=args.top_k, beam_size=args.beam_size,
                              strict=args.strict)
+        # Ray as training starts it: RAY_ADDRESS's cluster, or a local one (never a stale
+        # cluster address left on the machine).
+        from avpea_ray.train.cluster import init_ray
+
+        init_ray()
         summary = infer(args.adapters, args.out, shards_url=args.shards, videos=videos, fmt=args.format,
                         report=args.report, weights=args.weights, questions=args.question or None,
                         config=config)

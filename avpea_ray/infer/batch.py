@@ -272,7 +272,7 @@ def infer(adapters: str, out: str, *, shards_url: str | None = None, videos: lis
     if videos is not None and not videos:
         raise ConfigError("--videos: the list holds no video")
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        ray.init(address="local", log_to_driver=False)  # a fresh local Ray, never a stale one
     started = time.perf_counter()
     ds = _source(predictor, index, videos, config)
     options = {"top_k": config.top_k, "beam_size": config.beam_size, "cpus_per_actor": config.cpus_per_actor}
