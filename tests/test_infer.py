@@ -453,3 +453,39 @@ def test_adapters_on_object_storage_are_fetched(tiny_avqa, s3):
     assert predictor.task == "avqa" and predictor.vocab == VOCAB and predictor.clips.num_frames == T
     with pytest.raises(ConfigError, match=r"avpea-adapters/runs/nothing"):
         Predictor.load(s3.make_bucket("avpea-adapters") + "/runs/nothing", device="cpu")
+
+
+@pytest.mark.parametrize("task,meta,check", [
+    ("avel", {"labels": [0, 4, 4, 1]},
+     lambda row, video: len(json.loads(row["labels"])) == T
+     and json.loads(row["target_labels"]) == ["guitar", "background", "background", "dog"]),
+    ("avc", {"captions": ["a dog barks"]},
+     lambda row, video: isinstance(row["caption"], str) and row["caption"].strip()),
+    ("avr", {"captions": ["a dog barks"]},
+     lambda row, video: len(json.loads(row["embedding"])) == 16),
+])
+def test_the_actor_gives_one_row_per_clip_for_the_clip_tasks(task, meta, check, tmp_path, one_torch_thread):
+    """AVE, captioning and retrieval adapters in the pipeline's actor: one row per clip of a
+    shard, the task's columns filled, the clip's own labels beside AVE's predictions."""
+    from avpea_ray.data.shards import ShardWriter
+    from avpea_ray.infer.batch import PredictActor, ShardSamples
+    from sharding import run
+
+    adapters = save_tiny_adapters(tmp_path / task, task=task)
+    spec, out = Predictor.load(str(adapters), device="cpu").clips, tmp_path / "shards"
+    with ShardWriter(str(out), split="test", dataset=spec.dataset, num_frames=spec.num_frames,
+                     image_size=spec.image_size, audio=spec.audio.__dict__) as writer:
+        for name in ("a", "b"):
+            video = write_video(tmp_path / "videos" / f"{name}.mp4")
+            writer.write(run.make_sample(run.MediaJob(name, {"video_id": name} | meta, spec.num_frames,
+                                                      spec.image_size, spec.audio, videos_dir=str(video.parent))))
+    from avpea_ray.data.shards import read_index
+
+    (url,) = read_index(str(out)).shard_urls()
+    clips = list(ShardSamples(T, strict=False)({"url": url}))
+    rows = PredictActor(str(adapters), None, {"beam_size": 1}, None)(
+        {k: np.array([c[k] for c in clips], dtype=object) for k in clips[0]})
+    assert rows["id"] == ["a", "b"] and rows["error"] == ["", ""]
+    for i in range(2):
+        row = {k: v[i] for k, v in rows.items()}
+        assert check(row, i), row
