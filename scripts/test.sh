@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine (scripts/setup.sh) and runs the whole test suite.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k model -x`.
+# Sets up a fresh machine (scripts/setup.sh) and runs the whole test suite in parallel test
+# processes (TEST_PROCESSES, default 4): the end-to-end runs mostly wait on process start-up
+# and Ray's polling, so four share two cores well. Tests that share an expensive module
+# fixture (a training run, a JVM, an auth server) carry one xdist_group and stay together.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`; for a single test
+# run pytest directly: `.venv/bin/python -m pytest tests/test_model.py -k adapter`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n "${TEST_PROCESSES:-4}" --dist loadgroup "$@"

@@ -18,6 +18,12 @@ _S3_ENV = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """End-to-end runs first: spread over parallel test processes (`-n`), they start early and
+    the quick tests fill the gaps, instead of a long run starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @dataclass
 class S3Server:
     """Handle on the session's moto server.
@@ -117,9 +123,11 @@ def ray_local(s3, tmp_path_factory):
     one and the session files live under the test's temporary directory, so another Ray on
     the machine is neither joined nor disturbed. A test that holds resources releases them
     (tests/test_sweep.py checks every CPU is free again after its runs)."""
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
 
     import ray
@@ -128,10 +136,16 @@ def ray_local(s3, tmp_path_factory):
 
     port, dashboard = free_port(), free_port()
     tmpdir = tmp_path_factory.mktemp("ray-tmpdir")
+    # Short: Ray's unix sockets live under it, and a socket path holds at most 107 bytes (a
+    # pytest folder of a parallel test process, .../pytest-N/popen-gw0/..., is too long).
+    ray_dir = tempfile.mkdtemp(prefix="avpea-ray-", dir="/tmp")
     address = f"127.0.0.1:{port}"
     # No node here is a spot instance: Ray Train's preemption watcher (one more actor
     # process per run, polling for notices that never come) stays off.
-    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    # Ray Train's controller polls its workers every 2 s by default: every start, restart and
+    # finish of a run waits up to that long, which tiny test runs feel and users do not.
+    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ports = [f"--{flag}={free_port()}" for flag in (
@@ -143,8 +157,8 @@ def ray_local(s3, tmp_path_factory):
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
          "--include-dashboard=true", *ports, "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         f"--temp-dir={ray_dir}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         # as from an activated virtual environment: `python` in a submitted job is this one
         env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmpdir)})
     try:
@@ -164,6 +178,7 @@ def ray_local(s3, tmp_path_factory):
         # outright; a SIGTERM'd head spends half a minute stopping them one by one.
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+        shutil.rmtree(ray_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

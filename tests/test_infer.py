@@ -352,6 +352,7 @@ def _read_rows(out: Path, fmt: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained-avqa")  # one training run for both
 def test_infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avqa, avqa_shards, tmp_path):
     """One row per test question through `map_batches` on the session's Ray cluster, and the
     accuracy of those rows is the training job's test accuracy, to the last digit."""
@@ -376,6 +377,7 @@ def test_infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avq
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained-avqa")
 def test_predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trained_avqa, avqa_shards, tmp_path,
                                                                                  one_torch_thread):
     from avpea_ray.data.reader import ShardStream

@@ -293,6 +293,7 @@ def both_scores() -> tuple[dict[str, float], dict[str, float]]:
 
 
 @pytest.mark.slow  # two JVMs: the toolkit's own tokenizer and METEOR
+@pytest.mark.xdist_group("caption-toolkit")  # one process computes both_scores once
 @needs_toolkit
 @pytest.mark.parametrize("metric", ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"])
 def test_caption_scores_equal_toolkit(metric, both_scores):

@@ -26,7 +26,7 @@ import yaml
 from tests.toy import free_port, mlflow_server
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-auth")]  # one auth server for the module
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster.yaml"
 SEARCH = "/api/2.0/mlflow/experiments/search"
