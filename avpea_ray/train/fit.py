@@ -141,7 +141,7 @@ def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = 
                            "mlflow": {"uri": checked.tracking_uri, "run_id": run_id},
                            # A bar redrawn in place is for a person at a terminal, not a log file.
                            "progress": cfg.run.progress and sys.stdout.isatty()},
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.run.scaling_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(
             name=name or cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,

@@ -146,13 +146,14 @@ def check_data(cfg: TrainConfig, indexes: dict[str, ShardIndex]) -> None:
                               f"or not the size the index lists ({'; '.join(problems[:5])}"
                               f"{'; ...' if len(problems) > 5 else ''}); re-shard the split, or set "
                               f"data.allow_damaged=true to go on without them")
-    slots = cfg.run.num_workers * max(cfg.data.loader_workers, 1)
+    # The largest world size the run may reach is the hardest to plan.
+    slots = cfg.run.max_workers * max(cfg.data.loader_workers, 1)
     try:
         plan_epoch([s.samples for s in train.shards], slots=slots,
                    batch_size=cfg.data.batch_size, training=True, seed=cfg.data.seed, epoch=0)
     except ValueError as err:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {err} (run.num_workers="
-                          f"{cfg.run.num_workers} x data.loader_workers={cfg.data.loader_workers})") from err
+                          f"{cfg.run.max_workers} x data.loader_workers={cfg.data.loader_workers})") from err
 
 
 def default_storage_path(path: str) -> str:
