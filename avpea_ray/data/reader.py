@@ -1038,13 +1038,6 @@ class ShardStream:
             # than slots x batch_size samples), dropped as the remainder always is.
             self._start_epoch(epoch + 1)
 
-    @property
-    def epoch_position(self) -> dict:
-        """Where the current epoch stands, whatever the layout: samples of the split, samples
-        consumed before the current segment, and the segment (for logs)."""
-        return {"epoch": self.epoch, "segment": self.segment, "total": self.index.total_samples,
-                "consumed_before_segment": self.consumed.count()}
-
 
 def check_shards_present(index: shards.ShardIndex | str) -> list[str]:
     """A cheap pre-run check: is every shard the index lists there, with its listed size?

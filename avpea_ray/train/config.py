@@ -79,7 +79,10 @@ class OptimConfig:
         epochs: passes over the training split.
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay (not applied to gates, norms and biases).
-        warmup_steps: linear warm-up from 0 to `lr`, then cosine decay to `min_lr_ratio * lr`.
+        warmup_steps: linear warm-up from 0 to `lr`, then cosine decay to `min_lr_ratio * lr`
+            over `epochs` x the training split's clips. The schedule follows the clips trained by
+            all ranks together, so a resize (run.num_workers) does not move it; the warm-up
+            lasts this many steps of the run's full size (batch_size x max workers each).
         grad_clip: max global gradient norm (0 turns clipping off).
         precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
     """

@@ -388,9 +388,10 @@ class SampleSchedule:
 
     The cosine spans `optim.epochs x samples_per_epoch` clips (the training split's size); the
     warm-up lasts `optim.warmup_steps` steps of the run's full size (`full_batch` = batch_size
-    x run.num_workers, its max when elastic). A run that never resizes gets exactly the
-    per-step schedule it always had: step s sets factor((s + 1) / warmup_steps) during warm-up.
-    Its state (for checkpoints) is the clip count.
+    x run.num_workers, its max when elastic). A run that never resizes warms up exactly as the
+    per-step schedule did (step s: (s + 1) / warmup_steps); its cosine now spans the whole
+    split, the epoch's remainder (< slots x batch_size clips) included, so it ends a hair above
+    min_lr_ratio. Its state (for checkpoints) is the clip count.
 
     Args:
         optimizer: its parameter groups' lr is set every step.
