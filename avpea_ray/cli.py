@@ -46,7 +46,9 @@ def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool 
         parser.add_argument("--max-concurrent-trials", type=int,
                             help="trials at a time (sweep.max_concurrent_trials; 0: from the cluster)")
     else:
-        parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
+        parser.add_argument("--num-workers", type=worker_count, metavar="N|MIN-MAX",
+                            help="Ray Train workers (DDP ranks): N, or MIN-MAX for elastic training "
+                                 "(run.num_workers)")
         parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
         parser.add_argument("--run-name", help="stable run name: the same name again resumes the run")
         parser.add_argument("--no-progress", action="store_true",
@@ -58,6 +60,18 @@ def parse_job_args(description: str, argv: list[str] | None = None, sweep: bool 
                                 help="without --config: whose demo config to run (default avqa); "
                                      "with --config the config's `task` decides")
     return parser.parse_intermixed_args(argv)
+
+
+def worker_count(text: str) -> int | list[int]:
+    """`--num-workers`: "8" -> 8, "2-8" -> [2, 8] (elastic)."""
+    low, dash, high = text.partition("-")
+    try:
+        value = [int(low), int(high)] if dash else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX (e.g. 8 or 2-8), got {text!r}") from None
+    if (min(value) if dash else value) < 1 or (dash and value[0] > value[1]):
+        raise argparse.ArgumentTypeError(f"expected N >= 1 or MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
+    return value
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, object]:

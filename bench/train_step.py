@@ -158,7 +158,7 @@ def run_variant(name: str, args, raws: list[dict], device: torch.device, referen
     if args.compile and not reference:
         step_model = torch.compile(step_model)
     optimizer = _optimizer(model, cfg)
-    scheduler = _schedule(optimizer, cfg, steps_per_epoch=1000)
+    scheduler = _schedule(optimizer, cfg, 1000)  # 1000 steps an epoch (a global batch of 1 "clip")
     autocast = _autocast(cfg, device)
     video_raws = raws
     if name == "reference":

@@ -1,7 +1,8 @@
 """Auditing the sample ledger (`run.sample_ledger`): what a run trained on, across attempts.
 
-Each rank appends to `<run>/ledger/rank{R}.jsonl`: per attempt (a process start) one line with
-the point it restored from, then one line per step. An attempt's steps after the next
+Each rank appends to `<run>/ledger/rank{R}.jsonl`: per attempt (a start of the worker group, one
+id on every rank) one line with the point it restored from and the world size, then one line per
+step. An attempt's steps after the next
 attempt's restore point were rolled back (the crash lost them) and are trained again, so the
 run's effective training is: every attempt's steps up to the next attempt's restore point.
 """
@@ -34,23 +35,64 @@ def attempts(run_dir: Path) -> dict[int, list[Attempt]]:
     return out
 
 
+@dataclass
+class RunAttempt:
+    """One start of the worker group: its id (the same on every rank), world size, restore
+    point, and per rank the steps it logged."""
+
+    attempt: str
+    world_size: int
+    restored: dict
+    started: float
+    steps: dict[int, list[dict]] = field(default_factory=dict)
+
+
+def run_attempts(run_dir: Path) -> list[RunAttempt]:
+    """The run's attempts across all ranks, in the order they started (whatever their world
+    sizes: an attempt at 1 worker after one at 2 has no rank-1 lines)."""
+    found: dict[str, RunAttempt] = {}
+    for file in sorted((Path(run_dir) / "ledger").glob("rank*.jsonl")):
+        for line in file.read_text().splitlines():
+            entry = json.loads(line)
+            if "restored" in entry:
+                run = found.setdefault(entry["attempt"], RunAttempt(
+                    entry["attempt"], entry.get("world_size", 0), entry["restored"], entry.get("time", 0.0)))
+                run.started = min(run.started, entry.get("time", 0.0))
+                assert run.restored == entry["restored"], f"ranks of attempt {entry['attempt']} restored apart"
+                run.steps.setdefault(entry["rank"], [])
+            else:
+                found[entry["attempt"]].steps[entry["rank"]].append(entry)
+    return sorted(found.values(), key=lambda run: run.started)
+
+
 def effective_batches(run_dir: Path) -> dict[tuple[int, int, int], list[str]]:
     """(epoch, batch, rank) -> sample ids, the training the run's checkpoints hold.
 
+    Attempts are replayed in the order they started: each one first rolls back every rank's
+    steps after its restore point (the crash lost them), then adds its own. So a rank that an
+    attempt at a smaller world size no longer has still has its rolled-back steps removed.
+
     Raises AssertionError if an attempt trained a step twice (an audit failure by itself).
     """
-    batches: dict[tuple[int, int, int], list[str]] = {}
-    for rank, runs in attempts(run_dir).items():
-        by_step: dict[int, dict] = {}
-        for attempt in runs:
-            cut = attempt.restored["global_step"]
-            by_step = {s: e for s, e in by_step.items() if s <= cut}  # rolled back by the crash
-            for entry in attempt.steps:
-                assert entry["global_step"] not in by_step, f"rank {rank} trained step {entry['global_step']} twice"
-                by_step[entry["global_step"]] = entry
-        for entry in by_step.values():
-            batches[(entry["epoch"], entry["batch"], rank)] = entry["ids"]
-    return batches
+    by_step: dict[tuple[int, int], dict] = {}  # (rank, global step) -> entry
+    for run in run_attempts(run_dir):
+        cut = run.restored["global_step"]
+        by_step = {key: e for key, e in by_step.items() if key[1] <= cut}
+        for rank, steps in run.steps.items():
+            for entry in steps:
+                key = (rank, entry["global_step"])
+                assert key not in by_step, f"rank {rank} trained step {entry['global_step']} twice"
+                by_step[key] = entry
+    return {(e["epoch"], e["batch"], rank): e["ids"] for (rank, _), e in by_step.items()}
+
+
+def trained_per_epoch(run_dir: Path) -> dict[int, list[str]]:
+    """epoch -> every sample id the run's checkpoints were trained on in it, all ranks and
+    attempts together (an id twice in a list is a sample trained twice)."""
+    out: dict[int, list[str]] = {}
+    for (epoch, _, _), ids in sorted(effective_batches(run_dir).items()):
+        out.setdefault(epoch, []).extend(ids)
+    return out
 
 
 def planned_batches(train_url: str, *, world_size: int, epochs: int, batch_size: int, loader_workers: int,

@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (command-line arguments after the shard overrides, the field the one-line error must name)
 BAD_VALUES = [
-    (["--num-workers", "0"], "run.num_workers must be >= 1"),
+    (["run.num_workers=0"], "run.num_workers must be >= 1"),
+    (["run.num_workers=[3, 2]"], "run.num_workers must be N or [min, max] with 1 <= min <= max"),
+    (["run.num_workers=[1, 2, 3]"], "run.num_workers must be N or [min, max]"),
+    (["--num-workers", "1-2", "data.batch_size=64", "data.loader_workers=2"], "run.num_workers=2 x"),
     (["run.log_every_steps=0"], "run.log_every_steps must be >= 1"),
     (["run.checkpoint_every_steps=-1"], "run.checkpoint_every_steps must be >= 0"),
     (["optim.lr=Infinity"], "optim.lr must be a finite number"),
@@ -107,11 +110,33 @@ IDS = {"train": "a" * 64, "val": "b" * 64}
     (["model.reduction_factor=16"], "model.reduction_factor: 8 -> 16"),
     (["head.hidden=32"], "head.hidden: 64 -> 32"),
     (["data.batch_size=2"], "data.batch_size: 4 -> 2"),
-    (["--num-workers", "2"], "run.num_workers: 1 -> 2"),
 ])
 def test_resume_refuses_changes_to_model_or_data(resolved, change, refused):
     with pytest.raises(ConfigError, match=refused.replace(".", r"\.")):
         check_resume(_saved(resolved(), IDS), resolved(*change), IDS)
+
+
+def test_resume_allows_another_number_of_workers(resolved):
+    # The reader re-plans the rest of the epoch over the new ranks (tests/test_reader.py,
+    # tests/test_elastic.py).
+    assert check_resume(_saved(resolved(), IDS), resolved("--num-workers", "2"), IDS) == {
+        "run.num_workers": (1, 2)}
+    assert check_resume(_saved(resolved(), IDS), resolved("--num-workers", "1-3"), IDS) == {
+        "run.num_workers": (1, [1, 3])}
+
+
+@pytest.mark.parametrize("flag,value,scaling", [("3", 3, 3), ("2-8", [2, 8], (2, 8)), ("4-4", [4, 4], 4)])
+def test_num_workers_flag_is_n_or_an_elastic_range(avqa_shards, tmp_path, flag, value, scaling):
+    cfg = resolve_config(parse_job_args("", [*train_overrides(avqa_shards, tmp_path), "--num-workers", flag]), None)[0]
+    assert cfg.run.num_workers == value and cfg.run.scaling_workers == scaling
+
+
+@pytest.mark.parametrize("flag", ["0", "two", "8-2", "2-", "0-3"])
+def test_num_workers_flag_refuses_what_is_not_n_or_min_max(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_job_args("", ["--num-workers", flag])
+    assert exit_info.value.code == 2
+    assert "--num-workers: expected N" in capsys.readouterr().err
 
 
 def test_resume_allows_more_epochs_and_refuses_resharded_data(resolved):

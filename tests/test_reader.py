@@ -248,11 +248,170 @@ def test_resume_refuses_a_state_from_another_shard_set(split, tmp_path):
     ({"world": 4}, "world_size"),
     ({"workers": 1}, "num_workers"),
 ])
-def test_resume_refuses_a_different_layout(split, change, match):
-    state = stream(split, 0, training=True).state_dict()
-    other = stream(split, 0, training=True, **change)
+def test_eval_resume_refuses_a_different_layout(split, change, match):
+    # Evaluation is never resumed mid-split by the trainer; a state from another layout is
+    # refused rather than guessed at.
+    state = stream(split, 0, training=False).state_dict()
+    other = stream(split, 0, training=False, **change)
     with pytest.raises(ValueError, match=match):
         other.load_state_dict(state)
+
+
+def test_resume_refuses_another_batch_size(split):
+    state = stream(split, 0, training=True).state_dict()
+    other = ShardStream(split, rank=0, world_size=WORLD, num_workers=WORKERS, batch_size=BATCH + 1,
+                        training=True, shuffle_buffer=4)
+    with pytest.raises(ValueError, match="batch_size: checkpoint 2, now 3"):
+        other.load_state_dict(state)
+
+
+# --- elastic resume: another world size / loader-worker count re-plans the epoch ----------
+
+def _positions(plan, slot, first, stop, *, seed, epoch, buffer):
+    """Positions slot `slot` hands out from its sample number `first` to `stop` (pure replay
+    of what its loader worker reads: the shuffle draws the same numbers for any items)."""
+    import itertools
+
+    from avpea_ray.data.reader import shuffle_rng
+
+    out = shuffled(plan.slot_positions(slot), buffer, shuffle_rng(seed, epoch, plan.segment, slot))
+    return list(itertools.islice(out, first, min(stop, plan.take[slot])))
+
+
+def simulate_epoch(index, layouts, *, batch, buffer, drop_last=True, seed=5, epoch=2):
+    """Run one epoch through a chain of checkpoints without reading a shard: each attempt
+    (world, workers, k) loads the previous attempt's state (through JSON, as a checkpoint
+    holds it), trains k more batches per rank (None: to the epoch's end), and checkpoints.
+
+    Returns:
+        (positions trained, in order; per attempt the steps every rank ran; the last stream;
+        how many samples the remainder rule leaves out: of the R samples not yet trained when
+        the last layout took over, R - slots x (R // slots cut to whole batches)).
+    """
+    import json
+
+    trained, steps_seen, state, s, segment = [], [], None, None, None
+    for world, workers, k in layouts:
+        s = ShardStream(index, rank=0, world_size=world, num_workers=workers, batch_size=batch,
+                        training=True, shuffle_buffer=buffer, seed=seed, epoch=epoch, drop_last=drop_last)
+        if state is not None:
+            s.load_state_dict(json.loads(json.dumps(state)))
+        if s.epoch != epoch or s.segment != segment:  # a new plan for the rest of the epoch
+            # The remainder rule, as reader.py documents it: of the positions R not trained
+            # yet (in position order), slot i gets run i of len(R) // slots, cut to whole
+            # batches; the runs' cut tails and R's tail are left out.
+            segment, untrained = s.segment, sorted(set(range(index.total_samples)) - set(trained))
+            q = len(untrained) // s.slots
+            take = (q // batch) * batch if drop_last else q
+            left_out = set(untrained[s.slots * q:])
+            for i in range(s.slots):
+                left_out |= set(untrained[i * q + take:(i + 1) * q])
+        if s.epoch != epoch:
+            break
+        plan, w = s.plan(), max(workers, 1)
+        per_rank = [sum(plan.batches[r * w:(r + 1) * w]) for r in range(world)]
+        steps_seen.append(per_rank)
+        k = per_rank[0] - s.batches_consumed if k is None else k
+        for rank in range(world):
+            mine = list(plan.batches[rank * w:(rank + 1) * w])
+            before = batches_done_per_worker(s.batches_consumed, mine)
+            after = batches_done_per_worker(s.batches_consumed + k, mine)
+            for worker in range(w):
+                trained += _positions(plan, rank * w + worker, before[worker] * batch, after[worker] * batch,
+                                      seed=seed, epoch=epoch, buffer=buffer)
+        s.batches_consumed += k
+        if s.batches_consumed == per_rank[0]:
+            s.set_epoch(epoch + 1)
+        state = s.state_dict()
+    return trained, steps_seen, s, left_out
+
+
+ELASTIC = [
+    # shard sizes,      batch, buffer, drop_last, [(world, loader workers, batches per rank), ...]
+    ((7, 3, 6, 2, 5),   2, 4, True,  [(2, 2, 1), (1, 1, None)]),            # shrink
+    ((7, 3, 6, 2, 5),   2, 4, True,  [(1, 1, 3), (2, 2, None)]),            # grow
+    ((7, 3, 6, 2, 5),   2, 4, True,  [(2, 2, 1), (1, 0, 2), (3, 1, None)]),  # twice in one epoch
+    ((7, 3, 6, 2, 5),   2, 4, False, [(2, 1, 3), (1, 2, None)]),            # partial last batches
+    ((7, 3, 6, 2, 5),   2, 4, True,  [(2, 2, 0), (1, 1, None)]),            # before the first step
+    ((40, 40, 40),      4, 16, True, [(2, 2, 5), (4, 2, 1), (1, 2, 3), (2, 1, None)]),
+    ((100,),            3, 1, True,  [(3, 1, 10), (2, 3, None)]),           # no shuffle buffer
+    ((9, 9),            2, 4, True,  [(1, 1, 8), (2, 2, None)]),            # too little left: next epoch
+    ((12, 12),          2, 4, True,  [(2, 1, 2), (1, 2, None)]),            # nothing left out
+]
+
+
+@pytest.mark.parametrize("sizes,batch,buffer,drop_last,layouts", ELASTIC)
+def test_resize_trains_each_sample_of_the_epoch_at_most_once_and_all_but_the_remainder(
+        split, sizes, batch, buffer, drop_last, layouts):
+    index = _index_of(split, sizes)
+    trained, steps_seen, last, left_out = simulate_epoch(index, layouts, batch=batch, buffer=buffer,
+                                                        drop_last=drop_last)
+    assert len(trained) == len(set(trained))                       # none repeated
+    assert all(len(set(per_rank)) == 1 for per_rank in steps_seen)  # equal steps on every rank
+    # None missed but the documented remainder, fewer than the last layout's slots x batch
+    # (which samples those are is only known for a re-planned segment: segment 0's are the
+    # tails of its shuffle buffers, see the tests above).
+    missed = set(range(sum(sizes))) - set(trained)
+    assert len(missed) == len(left_out) < (last.slots * batch if drop_last else last.slots)
+    if last.segment or layouts[-1][:2] != layouts[0][:2]:
+        assert missed == left_out
+    assert last.epoch == 3 and last.batches_consumed == 0
+
+
+def test_resize_replan_is_deterministic_and_world_size_independent(split):
+    index = _index_of(split, (7, 3, 6, 2, 5))
+    a = simulate_epoch(index, [(2, 2, 1), (1, 1, 2)], batch=2, buffer=4)[2].state_dict()
+    b = simulate_epoch(index, [(2, 2, 1), (1, 1, 2)], batch=2, buffer=4)[2].state_dict()
+    assert a == b and a["segment"] == 1 and a["consumed"]
+    # The same state resumed by two layouts: both continue from the same consumed set.
+    plans = []
+    for world, workers in ((3, 1), (1, 2)):
+        s = ShardStream(index, rank=0, world_size=world, num_workers=workers, batch_size=2, training=True,
+                        shuffle_buffer=4, seed=5)
+        s.load_state_dict(a)
+        plans.append(s)
+    assert plans[0].consumed.bits == plans[1].consumed.bits
+    assert plans[0].consumed.count() == 2 * 1 * 2 + 1 * 2 * 2  # 2 ranks x 1 batch, then 1 rank x 2
+
+
+def test_same_layout_resume_keeps_the_batch_skip(split):
+    # An unchanged layout is not re-planned: the state stays segment 0 with nothing in
+    # `consumed`, and resumes batch by batch (the order of test_resume_mid_epoch_...).
+    index = _index_of(split, (7, 3, 6, 2, 5))
+    s = simulate_epoch(index, [(2, 2, 1), (2, 2, 1)], batch=2, buffer=4)[2]
+    assert (s.segment, s.batches_consumed, s.state_dict()["consumed"]) == (0, 2, "")
+
+
+def _index_of(split, sizes) -> shards.ShardIndex:
+    """The split's index with shards of these sample counts instead (for plans only: no
+    shard is read)."""
+    import dataclasses
+
+    index = shards.read_index(split)
+    listed = [dataclasses.replace(index.shards[0], url=f"x-{i:04d}.tar", samples=n) for i, n in enumerate(sizes)]
+    return dataclasses.replace(index, shards=listed, total_samples=sum(sizes))
+
+
+def test_resize_on_real_shards_trains_every_unseen_sample_once(split):
+    """2 ranks x 2 loader workers stop after 2 batches each; rank 0's state resumes the epoch
+    on 1 rank x 1 worker (real DataLoader workers, real tar shards): no sample twice, all but
+    fewer than slots x batch_size."""
+    before = []
+    for rank in range(WORLD):
+        s = stream(split, rank, training=True, epoch=1, seed=3)
+        for batch in s:
+            before += batch["key"]
+            if s.batches_consumed == 2:
+                break
+        if rank == 0:
+            state = s.state_dict()
+    resumed = stream(split, 0, training=True, world=1, workers=1, seed=3)
+    resumed.load_state_dict(state)
+    after = keys_of(resumed)
+    assert len(before) == WORLD * 2 * BATCH and after
+    assert len(before + after) == len(set(before + after))
+    assert 0 <= N - len(before + after) < 1 * BATCH
+    assert resumed.state_dict()["epoch"] == 2
 
 
 # --- damage ----------------------------------------------------------------------------

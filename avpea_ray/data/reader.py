@@ -18,6 +18,16 @@ Guarantees (docs/data_format.md, "The reader's contract"):
   have had. The state is the same on every rank in training, so rank 0's checkpoint
   resumes all ranks. A state from another shard set (re-sharded data), a training state
   without `index_id`, and other settings are refused with a message.
+- Elastic resume: a training state loaded at another world size or loader-worker count
+  re-plans the rest of the epoch (`replan_epoch`). The positions the old layout had
+  consumed are replayed from its plan into a bitmap over the epoch's N positions (in the
+  state, independent of the layout); the positions not consumed, R, are cut into `slots`
+  contiguous runs of len(R) // slots, each cut to whole batches. So every sample not yet
+  trained on in the epoch is trained on once, none twice, every rank runs the same number
+  of steps, and the remainder rule holds for the new slots (fewer than `slots *
+  batch_size` of R left out; none at all when R divides). A run resized again re-plans
+  again (segment 2, ...). Evaluation is never resumed: each pass reads the whole split,
+  exactly once at any layout.
 - Damage (a missing, truncated or corrupt shard, a sample with missing members or bytes
   that do not decode) raises `DataDamageError` in the caller's process by default, naming
   the shard URL (or sample key and URL) and the reason: a split is never read partially
@@ -54,17 +64,23 @@ sample with intact tar members fails to *decode* (corrupt JPEG/npy bytes) before
 point, that slot's resumed stream is shifted by one sample per such failure (counted in
 `stats["decode_errors"]`). Truncated or missing shards are detected without decoding and
 do not shift anything. Eval resume assumes the nominal per-worker batch counts (exact
-when no shard of the split is damaged).
+when no shard of the split is damaged). An elastic re-plan replays the old layout's
+shuffles on positions, so it is exact when no sample before the resume point was lost to
+damage (a lost sample was replaced by one read past the slot's range, which the replay does
+not know about).
 """
 from __future__ import annotations
 
+import base64
 import bisect
+import itertools
 import logging
 import random
 import sys
 import tarfile
+import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -74,7 +90,7 @@ from avpea_ray.data import shards, storage
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 # Counters each worker reports (as deltas) with its batches; summed in `ShardStream.stats`.
 COUNTERS = ("raw_read", "decoded", "samples_lost", "decode_errors", "incomplete_samples",
             "refilled", "retries", "skipped_for_resume")
@@ -92,6 +108,10 @@ class EpochPlan:
         ranges: per slot, the [start, stop) positions it reads.
         take: per slot, how many samples it yields (training: equal for all slots).
         batches: per slot, how many batches it yields.
+        segment: 0 for the epoch as first planned; n > 0 for the rest of an epoch re-planned
+            after its n-th change of layout (see `replan_epoch`).
+        picks: re-planned segments only: per slot, the sorted positions it reads (its range
+            also holds positions consumed before the re-plan, which it skips).
     """
 
     shard_order: tuple[int, ...]
@@ -99,10 +119,33 @@ class EpochPlan:
     ranges: tuple[tuple[int, int], ...]
     take: tuple[int, ...]
     batches: tuple[int, ...]
+    segment: int = 0
+    picks: tuple[tuple[int, ...], ...] = ()
 
     @property
     def total(self) -> int:
         return self.shard_starts[-1]
+
+    def slot_positions(self, slot: int) -> Sequence[int]:
+        """The positions slot `slot` reads, in reading order (before its shuffle buffer)."""
+        return self.picks[slot] if self.segment else range(*self.ranges[slot])
+
+
+def _shard_layout(shard_samples: list[int], training: bool, seed: int,
+                  epoch: int) -> tuple[list[int], list[int]]:
+    """The epoch's shard order (seeded permutation in training) and each one's first position."""
+    order = list(range(len(shard_samples)))
+    if training:
+        random.Random(f"avpea-order/{seed}/{epoch}").shuffle(order)
+    starts = [0]
+    for i in order:
+        starts.append(starts[-1] + shard_samples[i])
+    return order, starts
+
+
+def _training_take(available: int, batch_size: int, drop_last: bool) -> int:
+    """A training slot's sample count: whole batches (drop_last) or all `available`."""
+    return (available // batch_size) * batch_size if drop_last else available
 
 
 def plan_epoch(shard_samples: list[int], *, slots: int, batch_size: int, training: bool,
@@ -121,16 +164,11 @@ def plan_epoch(shard_samples: list[int], *, slots: int, batch_size: int, trainin
     Returns:
         The plan. Raises ValueError when training would give a slot no batch at all.
     """
-    order = list(range(len(shard_samples)))
-    if training:
-        random.Random(f"avpea-order/{seed}/{epoch}").shuffle(order)
-    starts = [0]
-    for i in order:
-        starts.append(starts[-1] + shard_samples[i])
+    order, starts = _shard_layout(shard_samples, training, seed, epoch)
     total = starts[-1]
     if training:
         q = total // slots
-        take = (q // batch_size) * batch_size if drop_last else q
+        take = _training_take(q, batch_size, drop_last)
         if take == 0:
             raise ValueError(
                 f"{total} samples cannot give every one of {slots} reader slots (ranks x "
@@ -143,6 +181,100 @@ def plan_epoch(shard_samples: list[int], *, slots: int, batch_size: int, trainin
         takes = [stop - start for start, stop in ranges]
     batches = [-(-t // batch_size) for t in takes]
     return EpochPlan(tuple(order), tuple(starts), tuple(ranges), tuple(takes), tuple(batches))
+
+
+def replan_epoch(shard_samples: list[int], *, consumed: bytes, segment: int, slots: int,
+                 batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> EpochPlan:
+    """Lay out the rest of a training epoch after a change of layout (world size or loader
+    workers), over the positions not consumed yet.
+
+    The remaining positions R (in the epoch's position order) are cut into `slots`
+    contiguous runs of q = len(R) // slots, each cut to whole batches as in `plan_epoch`;
+    so every rank again runs the same number of steps and fewer than `slots * batch_size`
+    remaining samples (fewer than `slots` without drop_last) are left out of the epoch. A
+    contiguous run keeps each slot's reads to the few shards it overlaps. It is a function
+    of (shard sizes, seed, epoch, consumed, segment, slots, batch size) only, so every rank
+    and loader worker computes the same plan; the shuffle buffers of segment n are seeded by
+    (seed, epoch, n, slot), unlike segment 0's, so a re-plan never replays an old order.
+
+    Args:
+        consumed: the bitmap (`ConsumedBits`) of positions trained on before this segment.
+        segment: n >= 1: this is the n-th re-plan of the epoch.
+        slots, batch_size, seed, epoch, drop_last: as for `plan_epoch`.
+
+    Returns:
+        The plan; slots may get no batch at all (the rest of the epoch is shorter than one
+        step on every slot; the caller moves to the next epoch).
+    """
+    if segment < 1:
+        raise ValueError(f"segment must be >= 1 for a re-plan, got {segment}")
+    order, starts = _shard_layout(shard_samples, True, seed, epoch)
+    total = starts[-1]
+    bits = ConsumedBits(total, consumed)
+    remaining = [p for p in range(total) if not bits[p]]
+    q = len(remaining) // slots
+    take = _training_take(q, batch_size, drop_last)
+    picks = tuple(tuple(remaining[s * q:s * q + take]) for s in range(slots))
+    ranges = tuple((p[0], p[-1] + 1) if p else (0, 0) for p in picks)
+    return EpochPlan(tuple(order), tuple(starts), ranges, (take,) * slots,
+                     (-(-take // batch_size),) * slots, segment, picks)
+
+
+def shuffle_rng(seed: int, epoch: int, segment: int, slot: int) -> random.Random:
+    """The slot's shuffle-buffer generator (segment 0 keeps the original seeding, so the
+    order of an epoch that never changes layout is what it always was)."""
+    if segment == 0:
+        return random.Random(f"avpea-shuffle/{seed}/{epoch}/{slot}")
+    return random.Random(f"avpea-shuffle/{seed}/{epoch}/segment{segment}/{slot}")
+
+
+class ConsumedBits:
+    """Which of an epoch's N positions were trained on: a bitmap, independent of the world
+    size and the loader workers. Stored in the reader state as zlib + base64 text (plain
+    bytes: nothing read from a checkpoint is ever unpickled)."""
+
+    def __init__(self, total: int, data: bytes = b""):
+        self.total = total
+        self.bits = bytearray(data) if data else bytearray((total + 7) // 8)
+        if len(self.bits) != (total + 7) // 8:
+            raise ValueError(f"consumed bitmap of {len(self.bits)} bytes does not fit an "
+                             f"epoch of {total} samples")
+
+    def __getitem__(self, position: int) -> bool:
+        return bool(self.bits[position >> 3] >> (position & 7) & 1)
+
+    def add(self, position: int) -> None:
+        if self[position]:
+            raise ValueError(f"position {position} consumed twice in one epoch")
+        self.bits[position >> 3] |= 1 << (position & 7)
+
+    def count(self) -> int:
+        return sum(bin(b).count("1") for b in self.bits)
+
+    def to_text(self) -> str:
+        return base64.b64encode(zlib.compress(bytes(self.bits))).decode("ascii")
+
+    @classmethod
+    def from_text(cls, total: int, text: str) -> "ConsumedBits":
+        return cls(total, zlib.decompress(base64.b64decode(text)) if text else b"")
+
+
+def consumed_positions(plan: EpochPlan, batches_done: Sequence[int], *, batch_size: int,
+                       shuffle_buffer: int, seed: int, epoch: int) -> list[int]:
+    """The positions a training plan's slots had handed out after `batches_done[slot]`
+    batches each: the first batches x batch_size of each slot's shuffled stream, replayed
+    on positions instead of samples (the shuffle draws the same numbers for any items).
+
+    Exact when no sample before the resume point was lost to damage (`allow_damaged`: a lost
+    sample is replaced by reading on, which this replay does not see).
+    """
+    out: list[int] = []
+    for slot, done in enumerate(batches_done):
+        wanted = min(done * batch_size, plan.take[slot])
+        stream = shuffled(plan.slot_positions(slot), shuffle_buffer,
+                          shuffle_rng(seed, epoch, plan.segment, slot))
+        out += itertools.islice(stream, wanted)
+    return out
 
 
 def batches_done_per_worker(consumed: int, batches_per_worker: list[int]) -> list[int]:
@@ -307,7 +439,38 @@ class _SlotReader:
             k = bisect.bisect_right(plan.shard_starts, p) - 1  # the shard holding position p
             lo = p - plan.shard_starts[k]
             hi = min(plan.shard_starts[k + 1] - plan.shard_starts[k], lo + (stop - pos))
-            yield from self.shard_samples(plan.shard_order[k], lo, hi)
+            for raw in self.shard_samples(plan.shard_order[k], lo, hi):
+                del raw["__number__"]
+                yield raw
+            pos += hi - lo
+
+    def picked(self, plan: EpochPlan, start: int, stop: int,
+               wanted: Sequence[int]) -> Iterator[dict]:
+        """Raw samples at those positions of [start, stop) (wrapping past the end) that are
+        in `wanted` (sorted), in order; shards or parts of them holding none are not read.
+
+        A re-planned segment reads this way: its slot's range also holds positions consumed
+        before the re-plan. A sample's position comes from its number in its shard, so a
+        damaged shard's lost samples shift nothing.
+        """
+        total = plan.total
+        pos = start
+        while pos < stop and total > 0:
+            p = pos % total
+            k = bisect.bisect_right(plan.shard_starts, p) - 1
+            first = plan.shard_starts[k]
+            lo, hi = p - first, min(plan.shard_starts[k + 1] - first, p - first + (stop - pos))
+            # The wanted positions inside [first + lo, first + hi): read only from the first
+            # to the last of them.
+            a = bisect.bisect_left(wanted, first + lo)
+            b = bisect.bisect_left(wanted, first + hi)
+            if a < b:
+                for raw in self.shard_samples(plan.shard_order[k], wanted[a] - first,
+                                              wanted[b - 1] - first + 1):
+                    number = raw.pop("__number__")
+                    i = bisect.bisect_left(wanted, first + number)
+                    if i < len(wanted) and wanted[i] == first + number:
+                        yield raw
             pos += hi - lo
 
     def count_retries(self) -> None:
@@ -338,6 +501,7 @@ class _SlotReader:
                     self.bad_sample(raw["__key__"], f"{url}: incomplete sample ({missing})")
                     continue
                 self.counters["raw_read"] += 1
+                raw["__number__"] = number  # its position in the shard (see `picked`)
                 yield raw
             else:
                 if done < hi:
@@ -443,12 +607,31 @@ class _EpochDataset(IterableDataset):
         # Endpoints that answered the main process (it read the index): a refused connection
         # to one of them is a restart, also in a spawned worker (see storage.classify).
         self.answered = set(storage.ANSWERED_ENDPOINTS)
-        self.control = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, consumed
+        # epoch, batches consumed, segment; and the bitmap of positions consumed before the
+        # segment (see `replan_epoch`); shared so that persistent workers see updates.
+        self.control = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self.consumed_bits = torch.zeros((sum(counts) + 7) // 8, dtype=torch.uint8).share_memory_()
+        self._plans: dict[tuple, EpochPlan] = {}
 
-    def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.counts, slots=self.world_size * self.workers,
-                          batch_size=self.batch_size, training=self.training, seed=self.seed,
-                          epoch=epoch, drop_last=self.drop_last)
+    def plan(self, epoch: int, segment: int = 0, consumed: bytes = b"",
+             slots: int | None = None) -> EpochPlan:
+        """The epoch's plan (segment 0), or its re-plan number `segment` over the positions
+        not in `consumed`; for this layout's slots unless `slots` is given (an old layout)."""
+        slots = slots or self.world_size * self.workers
+        key = (epoch, segment, consumed if segment else b"", slots)
+        if key not in self._plans:
+            if len(self._plans) > 8:
+                self._plans.clear()
+            if segment:
+                self._plans[key] = replan_epoch(
+                    self.counts, consumed=consumed, segment=segment, slots=slots,
+                    batch_size=self.batch_size, seed=self.seed, epoch=epoch,
+                    drop_last=self.drop_last)
+            else:
+                self._plans[key] = plan_epoch(
+                    self.counts, slots=slots, batch_size=self.batch_size, training=self.training,
+                    seed=self.seed, epoch=epoch, drop_last=self.drop_last)
+        return self._plans[key]
 
     def rank_batches(self, plan: EpochPlan) -> list[int]:
         """Batches of each of this rank's workers."""
@@ -458,8 +641,8 @@ class _EpochDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         storage.ANSWERED_ENDPOINTS.update(self.answered)
         info = get_worker_info()
-        epoch, consumed = (int(v) for v in self.control.tolist())
-        plan = self.plan(epoch)
+        epoch, consumed, segment = (int(v) for v in self.control.tolist())
+        plan = self.plan(epoch, segment, self.consumed_bits.numpy().tobytes() if segment else b"")
         # The DataLoader always asks worker 0 first, but after k consumed batches the
         # uninterrupted epoch would continue with worker k % W: rotate the roles so that
         # the resumed batches come in exactly the uninterrupted order.
@@ -481,11 +664,19 @@ class _EpochDataset(IterableDataset):
         start, stop = plan.ranges[slot]
         take = plan.take[slot]
         if self.training:
-            rng = random.Random(f"avpea-shuffle/{self.seed}/{epoch}/{slot}")
-            raw = shuffled(reader.positions(plan, start, stop), self.shuffle_buffer, rng)
-            # Refill: samples lost to damage are replaced by reading on past the range
-            # (wrapping), at most one full pass, so every slot still yields `take`.
-            refill = reader.positions(plan, stop, stop + plan.total)
+            rng = shuffle_rng(self.seed, epoch, plan.segment, slot)
+            if plan.segment:
+                # Its run of the remaining positions; refills come from the other remaining
+                # positions (never from those consumed before the re-plan).
+                remaining = [p for run in plan.picks for p in run]
+                raw = shuffled(reader.picked(plan, start, stop, plan.picks[slot]),
+                               self.shuffle_buffer, rng)
+                refill = reader.picked(plan, stop, stop + plan.total, remaining)
+            else:
+                raw = shuffled(reader.positions(plan, start, stop), self.shuffle_buffer, rng)
+                # Refill: samples lost to damage are replaced by reading on past the range
+                # (wrapping), at most one full pass, so every slot still yields `take`.
+                refill = reader.positions(plan, stop, stop + plan.total)
         else:
             raw, refill = reader.positions(plan, start, stop), iter(())
 
@@ -602,6 +793,9 @@ class ShardStream:
         self.batch_size, self.training, self.seed = batch_size, training, seed
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
         self.epoch, self.batches_consumed = epoch, 0
+        # A resumed epoch whose layout changed: re-plan number `segment` of the positions not
+        # in `consumed` (segment 0 with nothing consumed: the epoch as first planned).
+        self.segment, self.consumed = 0, ConsumedBits(self.index.total_samples)
         self.allow_damaged = allow_damaged
         self.index_id = shards.index_id(self.index)
         self._dataset = _EpochDataset(
@@ -634,7 +828,9 @@ class ShardStream:
         return self.world_size * max(self.num_workers, 1)
 
     def _plan(self, epoch: int | None = None) -> EpochPlan:
-        return self._dataset.plan(self.epoch if epoch is None else epoch)
+        if epoch is None or epoch == self.epoch:
+            return self._dataset.plan(self.epoch, self.segment, bytes(self.consumed.bits))
+        return self._dataset.plan(epoch)
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The epoch's layout (for inspection and tests)."""
@@ -655,7 +851,11 @@ class ShardStream:
     def set_epoch(self, epoch: int) -> None:
         """Move to `epoch` (from its start, unless it is already the current epoch)."""
         if epoch != self.epoch:
-            self.epoch, self.batches_consumed = epoch, 0
+            self._start_epoch(epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_consumed = epoch, 0
+        self.segment, self.consumed = 0, ConsumedBits(self.index.total_samples)
 
     def loader(self) -> DataLoader:
         """The underlying DataLoader (iterate the stream itself to count batches)."""
@@ -679,7 +879,10 @@ class ShardStream:
         epoch = self.epoch
         per_worker = self._dataset.rank_batches(self._plan())
         steps = sum(per_worker)
-        self._dataset.control.copy_(torch.tensor([self.epoch, self.batches_consumed]))
+        self._dataset.control.copy_(torch.tensor([self.epoch, self.batches_consumed, self.segment]))
+        if self.consumed.bits:
+            self._dataset.consumed_bits.copy_(torch.frombuffer(bytearray(self.consumed.bits),
+                                                               dtype=torch.uint8))
         order = self._expected_order(per_worker)
         for item in self._loader:
             info = item.pop("_reader")
@@ -696,11 +899,11 @@ class ShardStream:
                     "(in_order=True) for exact resume")
             self.batches_consumed += 1
             if self.batches_consumed == steps:
-                self.epoch, self.batches_consumed = epoch + 1, 0
+                self._start_epoch(epoch + 1)
             yield item
         if self.epoch == epoch:
             # Ended early: evaluation over damaged shards yields fewer than the nominal steps.
-            self.epoch, self.batches_consumed = epoch + 1, 0
+            self._start_epoch(epoch + 1)
 
     def _expected_order(self, per_worker: list[int]) -> Iterator[tuple[int, int]]:
         """(slot, batch number) of the batches still to come, in DataLoader order."""
@@ -754,22 +957,33 @@ class ShardStream:
     def state_dict(self) -> dict:
         """The position, for a checkpoint (identical on every rank in training).
 
-        `index_id` (`shards.index_id`) names the shard set the position refers to.
+        `index_id` (`shards.index_id`) names the shard set the position refers to. Within
+        the epoch, `consumed` (a `ConsumedBits` text) holds the positions trained on before
+        the current `segment` (0: none, the epoch as first planned); with `batches_consumed`
+        and the layout (world_size, num_workers) of the segment, that says exactly which
+        samples the epoch has consumed, whatever layout resumes it.
         """
         return {"version": STATE_VERSION, "index_id": self.index_id, "epoch": self.epoch,
                 "batches_consumed": self.batches_consumed, "seed": self.seed,
                 "world_size": self.world_size, "num_workers": self.num_workers,
                 "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
                 "training": self.training, "drop_last": self.drop_last,
-                "total_samples": self.index.total_samples}
+                "total_samples": self.index.total_samples, "segment": self.segment,
+                "consumed": self.consumed.to_text() if self.segment else ""}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()`; the layout settings must match.
+        """Continue from a `state_dict()`.
+
+        The same layout (world size and loader workers) continues the segment batch by batch
+        in the uninterrupted order. A training state from another layout re-plans the rest of
+        the epoch (`replan_epoch`): the positions its segment had consumed (replayed from its
+        plan) join `consumed`, and the remaining ones are spread over this layout's slots, so
+        each sample not yet trained on in the epoch is trained on once and none again.
 
         Raises ValueError when the shard set is not the checkpoint's (its `index_id`
         differs: re-sharded data; or, in training, the state has none to compare), and
-        naming each setting that differs (resuming with another world size, worker count or
-        batch size would change which samples remain).
+        naming each other setting that differs (batch size, seed, shuffle buffer, drop_last;
+        in evaluation also the layout).
         """
         mine = self.state_dict()
         theirs = state.get("index_id")
@@ -784,24 +998,45 @@ class ShardStream:
                 f"checkpoint's index_id is {theirs}, the index at {self.index.root} has "
                 f"{self.index_id}, so its positions name other samples. Resume on the shards "
                 "the checkpoint was taken on, or restart the epoch with set_epoch().")
-        keys = ("world_size", "num_workers", "batch_size", "seed", "shuffle_buffer",
-                "training", "drop_last", "total_samples")
+        keys = ("batch_size", "seed", "shuffle_buffer", "training", "drop_last", "total_samples")
+        if not self.training:
+            keys += ("world_size", "num_workers")
         diffs = [f"{k}: checkpoint {state[k]!r}, now {mine[k]!r}"
                  for k in keys if k in state and state[k] != mine[k]]
         if diffs:
             raise ValueError(
                 "cannot resume the data position exactly; the reader settings differ from "
                 "the checkpoint's (" + "; ".join(diffs) + "). Resume with the same settings "
-                "(same number of ranks and loader workers), or restart the epoch with "
-                "set_epoch().")
-        self.epoch = int(state["epoch"])
-        self.batches_consumed = int(state["batches_consumed"])
-        steps = self.steps_per_epoch
-        if self.batches_consumed > steps:
-            raise ValueError(f"checkpoint consumed {self.batches_consumed} batches of an "
-                             f"epoch that has {steps}")
-        if self.batches_consumed == steps:  # a finished epoch: continue with the next
-            self.epoch, self.batches_consumed = self.epoch + 1, 0
+                "or restart the epoch with set_epoch().")
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        segment = int(state.get("segment", 0))
+        bits = ConsumedBits.from_text(self.index.total_samples, state.get("consumed", "") if segment else "")
+        world, workers = int(state["world_size"]), max(int(state["num_workers"]), 1)
+        old = self._dataset.plan(epoch, segment, bytes(bits.bits), slots=world * workers)
+        old_steps = sum(old.batches[:workers])  # every rank's step count in training
+        if consumed > old_steps:
+            raise ValueError(f"checkpoint consumed {consumed} batches of an epoch that has "
+                             f"{old_steps}")
+        self._start_epoch(epoch)
+        if consumed == old_steps:  # a finished epoch (segment): continue with the next
+            self._start_epoch(epoch + 1)
+            return
+        if (world, workers) == (self.world_size, max(self.num_workers, 1)):
+            self.segment, self.consumed, self.batches_consumed = segment, bits, consumed
+            return
+        # Another layout: which positions did the old one's slots hand out? Every rank had
+        # consumed the same number of batches, spread over its workers round-robin.
+        done = [d for rank in range(world)
+                for d in batches_done_per_worker(consumed, list(old.batches[rank * workers:(rank + 1) * workers]))]
+        for position in consumed_positions(old, done, batch_size=self.batch_size,
+                                           shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+                                           epoch=epoch):
+            bits.add(position)
+        self.segment, self.consumed = segment + 1, bits
+        if self.steps_per_epoch == 0:
+            # What is left gives no slot a whole batch: it is the epoch's remainder (fewer
+            # than slots x batch_size samples), dropped as the remainder always is.
+            self._start_epoch(epoch + 1)
 
 
 def check_shards_present(index: shards.ShardIndex | str) -> list[str]:
@@ -836,5 +1071,5 @@ def check_shards_present(index: shards.ShardIndex | str) -> list[str]:
 
 
 __all__ = ["ShardStream", "DataDamageError", "check_shards_present", "EpochPlan",
-           "plan_epoch", "batches_done_per_worker", "collate", "shuffled",
+           "plan_epoch", "replan_epoch", "consumed_positions", "ConsumedBits", "shuffle_rng", "batches_done_per_worker", "collate", "shuffled",
            "ray_train_rank_and_world", "what_to_do", "COUNTERS"]

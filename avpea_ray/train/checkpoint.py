@@ -54,7 +54,8 @@ class Progress:
 
     epoch: int = 0             # the epoch in progress (== epochs when training is done)
     batches_in_epoch: int = 0  # batches of `epoch` already trained
-    global_step: int = 0
+    global_step: int = 0       # steps of this run (each rank runs the same number)
+    samples: int = 0           # clips trained by all ranks together (the schedule's clock)
     best_score: float = float("-inf")
     best_epoch: int = -1
     best_metrics: dict = field(default_factory=dict)  # validation metrics of the best epoch

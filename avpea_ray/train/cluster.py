@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 # Lines Ray prints from its own processes that say nothing a user can act on; the console
@@ -74,6 +75,55 @@ def init_ray() -> str:
 def alive_nodes() -> int:
     import ray
     return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def nodes_not_seeing(folder: str, timeout_s: float = 60.0) -> list[str]:
+    """The alive nodes (other than this one) that do not see `folder` as this process does:
+    a marker file written here is looked for by a zero-CPU task pinned to each other node.
+
+    A node-local folder on a multi-node cluster is what users hit first: Ray Train's workers
+    on the other nodes would write checkpoints where no one else finds them, and a resume
+    there would start over. Found before any worker starts, it is an error naming the path.
+
+    Returns:
+        "node <id> (<ip>)" per node that does not see the marker (or whose task failed).
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not others:
+        return []
+    token = uuid.uuid4().hex
+    marker = Path(folder) / f".avpea-shared-probe-{token[:8]}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def read(path: str) -> str | None:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return None
+
+    try:
+        pending = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                   .remote(str(marker)): n for n in others}
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+        unseen = []
+        for ref, node in pending.items():
+            try:
+                seen = ref in ready and ray.get(ref) == token
+            except Exception:  # noqa: BLE001 - a node that cannot answer cannot be relied on
+                seen = False
+            if not seen:
+                unseen.append(f"node {node['NodeID'][:12]} ({node.get('NodeManagerAddress', '?')})")
+        return unseen
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def _free_port() -> int:

@@ -79,7 +79,10 @@ class OptimConfig:
         epochs: passes over the training split.
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay (not applied to gates, norms and biases).
-        warmup_steps: linear warm-up from 0 to `lr`, then cosine decay to `min_lr_ratio * lr`.
+        warmup_steps: linear warm-up from 0 to `lr`, then cosine decay to `min_lr_ratio * lr`
+            over `epochs` x the training split's clips. The schedule follows the clips trained by
+            all ranks together, so a resize (run.num_workers) does not move it; the warm-up
+            lasts this many steps of the run's full size (batch_size x max workers each).
         grad_clip: max global gradient norm (0 turns clipping off).
         precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
     """
@@ -119,7 +122,14 @@ class RunConfig:
     Attributes:
         name: the run's name; running the same name (and storage path) again resumes it.
         storage_path: where Ray Train keeps checkpoints and results (local dir or s3://).
-        num_workers: Ray Train workers (DDP ranks).
+        num_workers: Ray Train workers (DDP ranks): N, or [min, max] for elastic training
+            (`--num-workers 2-8`): Ray Train starts with as many as the cluster has room for
+            (up to max), goes on with fewer when a node is lost (at least min; each restart
+            counts against max_failures) and grows again when nodes return. Each worker keeps
+            `data.batch_size` clips per step, so the global batch is batch_size x the current
+            workers; the learning-rate schedule follows the samples trained, not the steps (see
+            optim.warmup_steps). A resume may also change N (the rest of the epoch is re-planned
+            over the new ranks, each remaining sample exactly once).
         use_gpu: one GPU per worker, NCCL; otherwise CPU and gloo.
         cpus_per_worker: CPUs each worker reserves (fractions let a 2-core laptop run 2 workers
             beside a driver).
@@ -155,7 +165,7 @@ class RunConfig:
 
     name: str = ""
     storage_path: str = "runs"
-    num_workers: int = 1
+    num_workers: int | list[int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     checkpoint_every_steps: int = 0
@@ -183,8 +193,14 @@ class RunConfig:
             # The config is saved with every run and checkpoint: no place for a secret.
             raise ConfigError("run.tracking_uri must not hold credentials (user:token@...): set "
                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
-        if self.num_workers < 1:
-            raise ConfigError(f"run.num_workers must be >= 1, got {self.num_workers!r}")
+        if isinstance(self.num_workers, (list, tuple)):
+            if (len(self.num_workers) != 2 or not all(isinstance(n, int) for n in self.num_workers)
+                    or not 1 <= self.num_workers[0] <= self.num_workers[1]):
+                raise ConfigError(f"run.num_workers must be N or [min, max] with 1 <= min <= max "
+                                  f"(--num-workers N or MIN-MAX), got {list(self.num_workers)!r}")
+            self.num_workers = list(self.num_workers)
+        elif self.num_workers < 1:
+            raise ConfigError(f"run.num_workers must be >= 1 (or [min, max]), got {self.num_workers!r}")
         if self.keep_checkpoints < 2:
             raise ConfigError(f"run.keep_checkpoints must be >= 2 (a resume falls back to the previous "
                               f"checkpoint when the latest is unreadable), got {self.keep_checkpoints!r}")
@@ -198,8 +214,8 @@ class RunConfig:
         if self.max_failures < -1:
             raise ConfigError(f"run.max_failures must be >= 0 (or -1: retry forever), got {self.max_failures!r}")
         if ((self.fail_at_step or self.fail_in_checkpoint_at_step or self.pause_at_step)
-                and self.fail_rank >= self.num_workers):
-            raise ConfigError(f"run.fail_rank={self.fail_rank} but there are only {self.num_workers} workers")
+                and self.fail_rank >= self.min_workers):
+            raise ConfigError(f"run.fail_rank={self.fail_rank} but there may be only {self.min_workers} workers")
         if self.system_metrics_every_s < 0:
             raise ConfigError(f"run.system_metrics_every_s must be >= 0 (0 turns it off), got "
                               f"{self.system_metrics_every_s!r}")
@@ -210,6 +226,20 @@ class RunConfig:
                               f"got {self.checkpoint_upload!r}")
         if not self.cpus_per_worker > 0:
             raise ConfigError(f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """What Ray Train's `ScalingConfig(num_workers=...)` takes: N, or (min, max) when
+        elastic."""
+        return (self.min_workers, self.max_workers) if self.min_workers < self.max_workers else self.max_workers
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 from ..config import to_dict
 from ..data import storage
 from ..tasks import get_task
-from .cluster import alive_nodes, init_ray, quiet_known_noise
+from .cluster import alive_nodes, init_ray, nodes_not_seeing, quiet_known_noise
 from .config import TrainConfig
 from .preflight import Preflight, check_storage_shared, preflight
 from .report import accuracy_plot, summarize
@@ -66,7 +66,7 @@ def fit_run(checked: Preflight, *, dry_run: bool = False, mlflow_name: str | Non
     print(peft_line(counts))
     quiet_known_noise(cfg.run.verbose)
     print(init_ray())
-    check_storage_shared(cfg.run.storage_path, checked.storage_defaulted, alive_nodes())
+    check_storage_shared(cfg.run.storage_path, checked.storage_defaulted, alive_nodes(), nodes_not_seeing)
     run_id = None
     if not dry_run:
         if folder.changes:
@@ -141,7 +141,7 @@ def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = 
                            "mlflow": {"uri": checked.tracking_uri, "run_id": run_id},
                            # A bar redrawn in place is for a person at a terminal, not a log file.
                            "progress": cfg.run.progress and sys.stdout.isatty()},
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.run.scaling_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(
             name=name or cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,

@@ -31,7 +31,7 @@ from ..data.shards import read_index
 from ..model.adapter_io import initialise_from
 from ..model.task_model import AVPEAModel
 from ..tasks import build_model, make_task, register
-from ..tasks.distributed import gather_objects, is_distributed
+from ..tasks.distributed import broadcast_object, gather_objects, is_distributed
 from .checkpoint import (Progress, inputs_json, latest_intact, read_adapter_source, read_checkpoint, upload_files,
                          write_checkpoint)
 from .config import TrainConfig
@@ -78,8 +78,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            shuffle_buffer=cfg.data.shuffle_buffer, allow_damaged=cfg.data.allow_damaged)
 
     train_stream = stream(cfg.data.train, training=True)
-    steps_per_epoch = 1 if dry_run else train_stream.steps_per_epoch
-    scheduler = _schedule(optimizer, cfg, steps_per_epoch)
+    # Per rank `data.batch_size` clips a step, whatever the world size: the global batch is
+    # batch_size x the ranks of this attempt, and the schedule follows the clips trained by
+    # all ranks together, so a resize moves neither its warm-up nor its cosine.
+    global_batch = cfg.data.batch_size * world_size
+    scheduler = _schedule(optimizer, cfg, train_stream.index.total_samples, global_batch=global_batch,
+                          full_batch=cfg.data.batch_size * cfg.run.max_workers)
     progress, best_state = Progress(), None
     with tempfile.TemporaryDirectory(prefix="avpea-resume-") as scratch:  # the fetched copy
         restored = None if dry_run else _latest_intact_checkpoint(Path(scratch))
@@ -88,8 +92,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             progress, reader_state, best_state = read_checkpoint(
                 directory, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler)
             train_stream.load_state_dict(reader_state)
+            resized = (reader_state.get("world_size"), reader_state.get("num_workers")) != (
+                world_size, cfg.data.loader_workers)
             _log(rank, f"resumed from {directory.name} at epoch {progress.epoch}, batch "
-                       f"{progress.batches_in_epoch} (global step {progress.global_step})")
+                       f"{progress.batches_in_epoch} (global step {progress.global_step}, "
+                       f"{progress.samples} clips trained)" + (
+                           f"; {reader_state.get('world_size')} -> {world_size} workers: the rest of the "
+                           f"epoch is re-planned, {train_stream.steps_per_epoch - train_stream.batches_consumed} "
+                           f"steps of {global_batch} clips" if resized and train_stream.epoch == progress.epoch
+                           else ""))
 
     logger = MetricLogger(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"],
                           enabled=rank == 0 and not dry_run)
@@ -100,10 +111,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                        context.get_node_rank(), cfg.run.system_metrics_every_s)
     show_progress = rank == 0 and loop_config.get("progress", False) and not dry_run
     autocast = _autocast(cfg, device)
-    ledger = _Ledger(cfg, rank, progress) if cfg.run.sample_ledger and not dry_run else None
+    # One id for this attempt on every rank (rank 0's): the checkpoints' folder names and the
+    # ledger's attempts.
+    attempt = broadcast_object(uuid.uuid4().hex[:8])
+    ledger = _Ledger(cfg, rank, world_size, attempt, progress) if cfg.run.sample_ledger and not dry_run else None
     damage = _DamageCounts(cfg.data.allow_damaged)
-
-    attempt = uuid.uuid4().hex[:8]
 
     def save_and_report(metrics: dict, kind: str) -> None:
         logger.flush()  # the steps a checkpoint covers are in MLflow before it exists
@@ -126,12 +138,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 if upload_async else {}))
 
     while progress.epoch < cfg.optim.epochs:
-        train_stream.set_epoch(progress.epoch)
+        # A resume at another world size may find the rest of the epoch shorter than one step
+        # on every rank (the remainder): the stream is then at the next epoch already.
+        rest_is_empty = train_stream.epoch == progress.epoch + 1 and progress.batches_in_epoch > 0
+        if not rest_is_empty:
+            train_stream.set_epoch(progress.epoch)
+        # This epoch's steps on each rank: those done plus what the stream has left (another
+        # count than steps_per_epoch after a resume at another world size).
+        epoch_steps = progress.batches_in_epoch + (
+            0 if rest_is_empty else train_stream.steps_per_epoch - train_stream.batches_consumed)
+        if dry_run:
+            epoch_steps = 1
         model.train()
         window = _Window()
-        bar = _EpochBar(progress.epoch, steps_per_epoch, progress.batches_in_epoch) if show_progress else None
+        bar = _EpochBar(progress.epoch, epoch_steps, progress.batches_in_epoch) if show_progress else None
         wait_start = time.perf_counter()
-        for raw in train_stream:
+        for raw in (() if rest_is_empty else train_stream):
             window.wait += time.perf_counter() - wait_start
             _maybe_inject_failure(cfg, rank, progress.global_step)
             batch = task.make_batch(raw, device, training=True)
@@ -139,16 +161,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               cfg.optim.grad_clip)
             progress.global_step += 1
             progress.batches_in_epoch += 1
+            progress.samples += global_batch
             window.add(loss, len(raw["meta"]))
             if ledger:
                 ledger.step(progress, raw["key"])
             if bar:
                 bar.step(loss, len(raw["meta"]) * world_size)
             if progress.global_step % cfg.run.log_every_steps == 0:
-                step_metrics = window.metrics(world_size) | {"lr": scheduler.get_last_lr()[0]}
+                step_metrics = window.metrics(world_size) | {"lr": scheduler.get_last_lr()[0],
+                                                             "samples": progress.samples, "workers": world_size}
                 logger.log(step_metrics, progress.global_step)
                 if rank == 0:
-                    _log(rank, f"epoch {progress.epoch} step {progress.batches_in_epoch}/{steps_per_epoch}: "
+                    _log(rank, f"epoch {progress.epoch} step {progress.batches_in_epoch}/{epoch_steps}: "
                                f"loss {step_metrics['train_loss']:.3f}, lr {step_metrics['lr']:.2e}, "
                                f"{step_metrics['samples_per_s']:.1f} clips/s, "
                                f"{step_metrics['data_wait_s']:.2f} s waiting for data")
@@ -156,7 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if dry_run:
                 break
             if (cfg.run.checkpoint_every_steps and progress.global_step % cfg.run.checkpoint_every_steps == 0
-                    and progress.batches_in_epoch < steps_per_epoch):
+                    and train_stream.epoch == progress.epoch):  # not the epoch's last step
                 # No validation score mid-epoch; checkpoints are kept newest first, and every
                 # one carries the best adapters so far.
                 save_and_report({"epoch": progress.epoch, "step": progress.global_step}, "step")
@@ -350,17 +374,67 @@ def _optimizer(model: AVPEAModel, cfg: TrainConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
 
 
-def _schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    total = max(cfg.optim.epochs * steps_per_epoch, 1)
-    warmup = min(cfg.optim.warmup_steps, total // 2)
+def _schedule(optimizer, cfg: TrainConfig, samples_per_epoch: int, global_batch: int = 1,
+              full_batch: int | None = None) -> "SampleSchedule":
+    """The run's learning-rate schedule (see `SampleSchedule`). With the defaults
+    (`global_batch=1`) a "sample" is a step: `samples_per_epoch` steps per epoch."""
+    return SampleSchedule(optimizer, cfg, samples_per_epoch, global_batch, full_batch or global_batch)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(total - warmup, 1)
-        return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+class SampleSchedule:
+    """Linear warm-up to `optim.lr`, then cosine to `min_lr_ratio * lr`, as a function of the
+    clips trained by all ranks together, not of the steps: a run that loses or gains workers
+    (a smaller or larger global batch per step) stays on the same curve.
+
+    The cosine spans `optim.epochs x samples_per_epoch` clips (the training split's size); the
+    warm-up lasts `optim.warmup_steps` steps of the run's full size (`full_batch` = batch_size
+    x run.num_workers, its max when elastic). A run that never resizes warms up exactly as the
+    per-step schedule did (step s: (s + 1) / warmup_steps); its cosine now spans the whole
+    split, the epoch's remainder (< slots x batch_size clips) included, so it ends a hair above
+    min_lr_ratio. Its state (for checkpoints) is the clip count.
+
+    Args:
+        optimizer: its parameter groups' lr is set every step.
+        samples_per_epoch: clips in one epoch (the schedule's length is epochs x this).
+        global_batch: clips one step trains on all ranks together, in this attempt.
+        full_batch: the global batch at the run's full size (the warm-up's unit).
+    """
+
+    def __init__(self, optimizer, cfg: TrainConfig, samples_per_epoch: int, global_batch: int,
+                 full_batch: int):
+        self.optimizer, self.global_batch, self.full_batch = optimizer, global_batch, full_batch
+        self.lr, self.min_lr_ratio = cfg.optim.lr, cfg.optim.min_lr_ratio
+        self.total = max(cfg.optim.epochs * samples_per_epoch, 1)
+        self.warmup = min(cfg.optim.warmup_steps * full_batch, self.total // 2)
+        self.samples = 0
+        self._apply()
+
+    def factor(self, samples: int) -> float:
+        """The lr multiplier for the step that starts after `samples` clips."""
+        if samples < self.warmup:
+            return min((samples + self.full_batch) / self.warmup, 1.0)
+        progress = min((samples - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * self.factor(self.samples)
+
+    def step(self) -> None:
+        """After an optimiser step: `global_batch` more clips trained."""
+        self.samples += self.global_batch
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A checkpoint of the per-step LambdaLR this replaced counts steps (`last_epoch`).
+        self.samples = int(state["samples"]) if "samples" in state else int(state["last_epoch"]) * self.full_batch
+        self._apply()
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -376,26 +450,28 @@ class _Ledger:
     """What this rank trains on, appended to `<storage>/<run>/ledger/rank{R}.jsonl` (local
     storage only; for audits and the resume tests).
 
-    Every attempt (a process start) first writes where it restored from, then one line per
-    step; nothing is ever overwritten, so an audit can tell a resume from a restart: an
-    attempt's lines after the next attempt's restore point were rolled back and re-done.
+    Every attempt (a start of the worker group; one id on all its ranks) first writes where it
+    restored from and its world size, then one line per step; nothing is ever overwritten, so
+    an audit can tell a resume from a restart, also across world sizes: an attempt's lines
+    after the next attempt's restore point were rolled back and re-done (`tests/ledger.py`).
     """
 
-    def __init__(self, cfg: TrainConfig, rank: int, restored: Progress):
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, attempt: str, restored: Progress):
         folder = Path(cfg.run.storage_path) / cfg.run.name / "ledger"
         folder.mkdir(parents=True, exist_ok=True)
-        self.attempt = uuid.uuid4().hex[:12]
-        self.rank = rank
+        self.attempt, self.rank, self.world_size = attempt, rank, world_size
         self.file = open(folder / f"rank{rank}.jsonl", "a")
         self._write({"restored": {"epoch": restored.epoch, "batch": restored.batches_in_epoch,
-                                  "global_step": restored.global_step}})
+                                  "global_step": restored.global_step, "samples": restored.samples},
+                     "time": time.time()})
 
     def step(self, progress: Progress, keys: list[str]) -> None:
         self._write({"epoch": progress.epoch, "batch": progress.batches_in_epoch,
-                     "global_step": progress.global_step, "ids": list(keys)})
+                     "global_step": progress.global_step, "samples": progress.samples, "ids": list(keys)})
 
     def _write(self, entry: dict) -> None:
-        self.file.write(json.dumps({"attempt": self.attempt, "rank": self.rank, **entry}) + "\n")
+        self.file.write(json.dumps({"attempt": self.attempt, "rank": self.rank, "world_size": self.world_size,
+                                    **entry}) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())  # a SIGKILL right after must not lose the line
 

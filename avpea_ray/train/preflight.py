@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import ConfigError
 from ..data import shards, storage
@@ -146,13 +146,14 @@ def check_data(cfg: TrainConfig, indexes: dict[str, ShardIndex]) -> None:
                               f"or not the size the index lists ({'; '.join(problems[:5])}"
                               f"{'; ...' if len(problems) > 5 else ''}); re-shard the split, or set "
                               f"data.allow_damaged=true to go on without them")
-    slots = cfg.run.num_workers * max(cfg.data.loader_workers, 1)
+    # The largest world size the run may reach is the hardest to plan.
+    slots = cfg.run.max_workers * max(cfg.data.loader_workers, 1)
     try:
         plan_epoch([s.samples for s in train.shards], slots=slots,
                    batch_size=cfg.data.batch_size, training=True, seed=cfg.data.seed, epoch=0)
     except ValueError as err:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: {err} (run.num_workers="
-                          f"{cfg.run.num_workers} x data.loader_workers={cfg.data.loader_workers})") from err
+                          f"{cfg.run.max_workers} x data.loader_workers={cfg.data.loader_workers})") from err
 
 
 def default_storage_path(path: str) -> str:
@@ -182,11 +183,24 @@ def check_storage(path: str) -> None:
         raise ConfigError(f"run.storage_path {path!r} is not writable: {type(err).__name__}: {err}") from err
 
 
-def check_storage_shared(storage_path: str, defaulted: bool, nodes: int) -> None:
-    """Refuse the default local storage path on a multi-node cluster: workers on other nodes
-    would write checkpoints where the driver never looks. A path given explicitly may be a
-    shared filesystem (Ray checks it can write there)."""
-    if nodes > 1 and defaulted and storage.is_local(storage_path):
+def check_storage_shared(storage_path: str, defaulted: bool, nodes: int,
+                         unseen_by: Callable[[str], list[str]] | None = None) -> None:
+    """Refuse a node-local storage folder on a multi-node cluster, before any worker starts:
+    workers on other nodes would write checkpoints where the driver never looks, and a resume
+    (or an elastic restart on other nodes) would not find them.
+
+    The default local path is refused outright; a local path given explicitly may be a shared
+    filesystem, so `unseen_by(path)` (`cluster.nodes_not_seeing`) asks every other node
+    whether it sees a file written there, and any that does not is named.
+    """
+    if nodes <= 1 or not storage.is_local(storage_path):
+        return
+    advice = "give --storage-path s3://bucket/prefix or a filesystem every node shares (NFS, EFS, ...)"
+    if defaulted:
         raise ConfigError(f"run.storage_path: the cluster has {nodes} nodes and no --storage-path was given "
-                          f"(the default {storage_path} is local to this node); give --storage-path "
-                          f"s3://bucket/prefix or a filesystem every node shares")
+                          f"(the default {storage_path} is local to this node); {advice}")
+    unseen = unseen_by(storage.local_path(storage_path)) if unseen_by else []
+    if unseen:
+        raise ConfigError(f"run.storage_path: {storage_path} is a folder on this node only: "
+                          f"{', '.join(unseen)} of the cluster's {nodes} nodes cannot see it, so their "
+                          f"workers' checkpoints would be lost; {advice}")

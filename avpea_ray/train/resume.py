@@ -4,7 +4,8 @@
 identity of its shard indexes. Running the same command again resumes the run; before any
 worker starts, the new config is compared with the saved one:
 
-- the fields in `MAY_CHANGE` (more epochs, retries, logging, where metrics go) may change;
+- the fields in `MAY_CHANGE` (more epochs, retries, logging, where metrics go, the number
+  of workers) may change;
   the change is recorded in the file (and logged in MLflow by the caller);
 - any other change (the model, the head, the data, the optimiser) is refused, naming the
   fields: the checkpoints hold a model trained with the old values;
@@ -44,6 +45,8 @@ MAY_CHANGE = frozenset({
     "data.eval_batch_size", "data.allow_damaged", "evaluation.meteor",
     "model.fuse_streams", "model.fused_attention", "model.activation_checkpointing",
     "run.compile", "run.checkpoint_upload",
+    # The reader re-plans the rest of an epoch over another number of ranks (reader.py).
+    "run.num_workers",
 })
 # Compared through the shards' index identity instead of their location.
 DATA_PATHS = frozenset({"data.train", "data.val", "data.test"})

@@ -65,9 +65,9 @@ def max_concurrent_trials(plan: SweepPlan, cluster: dict[str, float]) -> int:
     if plan.sweep.max_concurrent_trials:
         return plan.sweep.max_concurrent_trials
     run = plan.cfg.run
-    limits = [cluster.get("CPU", 0) / (plan.sweep.driver_cpus + run.num_workers * run.cpus_per_worker)]
+    limits = [cluster.get("CPU", 0) / (plan.sweep.driver_cpus + run.max_workers * run.cpus_per_worker)]
     if run.use_gpu:
-        limits.append(cluster.get("GPU", 0) / run.num_workers)
+        limits.append(cluster.get("GPU", 0) / run.max_workers)
     limits += [cluster[k] / float(v) for k, v in plan.sweep.driver_resources.items()]
     return max(1, int(min(limits) + 1e-9))
 
