@@ -114,6 +114,7 @@ def test_conventions_applied_to_measured_numbers():
     assert avqa["Avg"]["difference"] == pytest.approx(71.0 - 74.90)
     assert avqa["Audio-visual"]["measured"] == pytest.approx(61.0) and avqa["Avg"]["seeds"] == 2
     assert rows["table3_avr"]["columns"]["Avg"]["measured"] == pytest.approx(30.0)
+    assert rows["table3_avr"]["columns"]["Avg"]["std"] is None  # one seed: no spread, not 0
     assert rows["table3_avc"]["columns"]["Avg"]["measured"] == pytest.approx(13.0)
     assert rows["table3_avqa_gen"]["columns"]["Acc"]["measured"] == pytest.approx(45.0)
     assert rows["table2_avqa_b16"]["params_m"] == {"paper_adapter": 3.7, "paper_trainable": 12.4,
@@ -163,7 +164,7 @@ def test_files_written_with_every_row_and_the_verdict(tmp_path):
     assert md == render_markdown(tables)
     for row in ROWS:
         assert row.label in md
-    for number in ("75.65", "74.90", "22.51", "78.63", "13.00", "-9.51"):
+    for number in ("75.65", "74.90", "22.51", "78.63", "13.00", "-9.51", "| 3.65 / - | 12.4 / - |"):
         assert number in md
     assert "ordering: table4_both > table4_visual > table4_audio > table4_none: holds" in md
     assert "say nothing about the paper's" in md

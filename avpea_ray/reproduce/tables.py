@@ -47,9 +47,10 @@ def column_values(row: PaperRow, metrics: dict[str, float]) -> dict[str, float |
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None from one seed: no spread was measured)."""
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def build_row(row: PaperRow, trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -117,6 +118,10 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _params(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"  # 3.7 and 12.4 as printed; a demo's 0.0232
+
+
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.2f}"
 
@@ -134,8 +139,8 @@ def render_markdown(tables: dict[str, Any]) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in (r for r in tables["rows"] if r["table"] == table):
             p = row["params_m"]
-            params = (f"{_num(p['adapter'], 1)} / {_num(p['paper_adapter'], 1)}",
-                      f"{_num(p['trainable'], 1)} / {_num(p['paper_trainable'], 1)}")
+            params = (f"{_params(p['adapter'])} / {_params(p['paper_adapter'])}",
+                      f"{_params(p['trainable'])} / {_params(p['paper_trainable'])}")
             comparable = "yes" if row["comparable"] else f"no: {row['not_comparable_because']}"
             for i, (name, col) in enumerate(row["columns"].items()):
                 first = i == 0
@@ -166,7 +171,7 @@ def render_figure(tables: dict[str, Any]) -> bytes:
     labels = [f"{r['table']}\n{r['id'].split('_', 1)[1]}" for r in rows]
     paper = [r["columns"][r["headline"]]["paper"] for r in rows]
     measured = [r["columns"][r["headline"]]["measured"] or 0.0 for r in rows]
-    errors = [r["columns"][r["headline"]]["std"] or 0.0 for r in rows]
+    errors = [r["columns"][r["headline"]]["std"] or 0.0 for r in rows]  # none from one seed
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 4.5))
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], paper, 0.4, label="paper", color="#4C72B0")
