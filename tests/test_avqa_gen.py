@@ -142,3 +142,14 @@ def test_demo_run_answers_better_than_the_majority_answer(avqa_shards, tmp_path,
 def test_registered_with_its_demo_config():
     assert TASKS["avqa_gen"] is AVQAGenTask
     assert AVQAGenTask.dataset == "musicavqa"
+
+
+def test_predict_refuses_generative_avqa_adapters_naming_the_task(tmp_path):
+    """predict/infer do not decode answers yet: a clear refusal, not another task's code path."""
+    from avpea_ray.config import ConfigError
+    from avpea_ray.infer.predictor import Predictor
+    from avpea_ray.model.adapter_io import CONFIG_NAME, FORMAT
+
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, "task": "avqa_gen", "model": {}}))
+    with pytest.raises(ConfigError, match="adapters for task 'avqa_gen'; predict and infer serve avqa, avel"):
+        Predictor.load(tmp_path)
