@@ -142,7 +142,7 @@ def test_demo_reproduction_end_to_end_then_a_rerun_runs_nothing(tiny_avqa_shards
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["avpea.row"] for c in children) == ["table2_avqa_b16", "table2_avqa_l16"]
-    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "paper_tables")} == {
         "paper_tables/paper_tables.json", "paper_tables/paper_tables.md", "paper_tables/paper_tables.png"}
     assert parent.data.metrics["table2_avqa_b16.Avg"] == pytest.approx(b16["columns"]["Avg"]["measured"])
@@ -153,6 +153,7 @@ def test_demo_reproduction_end_to_end_then_a_rerun_runs_nothing(tiny_avqa_shards
     again = json.loads(again_json.read_text())
     assert again["ran"] == [] and again["finished_before"] == first["ran"]
     assert again["parent_run_id"] == first["parent_run_id"]
+    assert client.get_run(first["parent_run_id"]).info.status == "FINISHED"
     assert {p.name: p.read_bytes() for p in (folder / "trials").iterdir()} == records
     assert len(client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2

@@ -375,6 +375,9 @@ def run_reproduction(plan: ReproPlan, tables_only: bool = False) -> dict[str, An
         summary["files"] = result["files"]
         summary["ordering_holds"] = result["tables"]["ordering"]["holds"]
         summary["tables"] = result["tables"]
+        # Ended, not left RUNNING; the next invocation of the name sets it running again.
+        from mlflow.tracking import MlflowClient
+        MlflowClient(plan.tracking_uri).set_terminated(parent_id, "FAILED" if summary["failed"] else "FINISHED")
     summary["seconds"] = round(time.time() - start, 1)
     return summary
 
