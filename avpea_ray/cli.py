@@ -185,7 +185,8 @@ def parse_reproduce_args(description: str, argv: list[str] | None = None,
     parser.add_argument("--storage-path", help="trials, their records and the tables: local dir or s3://")
     parser.add_argument("--name", default="avpea-paper",
                         help="the reproduction's name: the same name again re-runs nothing finished")
-    parser.add_argument("--only", default="", help="comma-separated tables, e.g. table1,table4 (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated tables or rows, e.g. table1,table4 or "
+                        "table4_none (default: all)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per row (data.seed 0..N-1): mean and spread")
     parser.add_argument("--dry-run", action="store_true", help="one train and one eval batch per trial")
     parser.add_argument("--demo", action="store_true",

@@ -36,7 +36,9 @@ def _shards_yaml(tmp_path: Path, **datasets) -> str:
 def test_only_selects_tables_and_names_unknown_ones():
     assert {r.table for r in select_rows(ROWS, ["table1", "table4"])} == {"Table 1", "Table 4"}
     assert len(select_rows(ROWS, [])) == 11
-    with pytest.raises(ConfigError, match=r"--only: unknown table\(s\) \['tabel2'\]"):
+    assert [r.id for r in select_rows(ROWS, ["table4_none", "table1"])] == [
+        "table1_avel_b16", "table1_avel_l16", "table4_none"]
+    with pytest.raises(ConfigError, match=r"--only: unknown table\(s\) or row\(s\) \['tabel2'\]"):
         select_rows(ROWS, ["tabel2"])
 
 
@@ -85,6 +87,13 @@ def test_every_row_plans_in_demo_mode_with_its_seed_placement_and_shards(avqa_sh
         assert trial.cfg.run.name == f"avpea-paper-{trial.row.id}-s{trial.seed}"
         expected = avqa_shards if trial.row.task.startswith("avqa") else valor_shards
         assert trial.cfg.data.test == expected["test"]
+        # AVQA's QA stage follows AVST's grounding stage, whose adapters the trial hands on.
+        if trial.row.task == "avqa":
+            assert trial.grounding.head.stage == "grounding" and trial.cfg.head.stage == "qa"
+            assert trial.grounding.run.name == trial.cfg.run.name + "-grounding"
+            assert trial.grounding.data.seed == trial.seed and trial.cfg.model.init_from == ""
+        else:
+            assert trial.grounding is None
     assert plan.path == str(tmp_path / "runs" / "avpea-paper")
 
 
@@ -107,9 +116,11 @@ def tiny_avqa_shards(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_demo_reproduction_end_to_end_then_a_rerun_runs_nothing(tiny_avqa_shards, tmp_path, ray_local, capsys):
-    """Table 2's two rows at toy size as Tune trials with MLflow children under one parent;
-    the tables written and logged; then the same command again: nothing re-run, the same
-    records, the same parent run; then the tables on demand."""
+    """Two rows on the MUSIC-AVQA shards at toy size as Tune trials, MLflow children under one
+    parent: Table 2's AVQA ViT-B/16 (AVST's grounding stage, then QA started from its best
+    adapters) and Table 3's generative AVQA; the tables written and logged; then the same
+    command again: nothing re-run, the same records, the same parent run; then the tables on
+    demand."""
     from mlflow.tracking import MlflowClient
 
     from avpea_ray.cli import run_reproduce_job
@@ -117,14 +128,14 @@ def test_demo_reproduction_end_to_end_then_a_rerun_runs_nothing(tiny_avqa_shards
     shards = _shards_yaml(tmp_path, musicavqa=tiny_avqa_shards)
     storage_path = tmp_path / "runs"
     argv = ["--demo", "--shards", shards, "--storage-path", str(storage_path), "--name", "repro-demo",
-            "--only", "table2", *_overrides(tmp_path, **{"head.hidden": 32})]
+            "--only", "table2_avqa_b16,table3_avqa_gen", *_overrides(tmp_path, **{"head.hidden": 32})]
     first_json, again_json = tmp_path / "first.json", tmp_path / "again.json"
     assert run_reproduce_job("", [*argv, "--summary-json", str(first_json)], configs=ROOT / "configs") == 0
     first = json.loads(first_json.read_text())
-    assert first["ran"] == ["table2_avqa_b16-s0", "table2_avqa_l16-s0"] and not first["failed"]
+    assert first["ran"] == ["table2_avqa_b16-s0", "table3_avqa_gen-s0"] and not first["failed"]
     folder = storage_path / "repro-demo"
     records = {p.name: p.read_bytes() for p in (folder / "trials").iterdir()}
-    assert sorted(records) == ["table2_avqa_b16-s0.json", "table2_avqa_l16-s0.json"]
+    assert sorted(records) == ["table2_avqa_b16-s0.json", "table3_avqa_gen-s0.json"]
 
     tables = json.loads((folder / "paper_tables.json").read_text())
     rows = {r["id"]: r for r in tables["rows"]}
@@ -141,7 +152,10 @@ def test_demo_reproduction_end_to_end_then_a_rerun_runs_nothing(tiny_avqa_shards
     parent = client.get_run(first["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.data.tags["avpea.row"] for c in children) == ["table2_avqa_b16", "table2_avqa_l16"]
+    assert sorted((c.data.tags["avpea.row"], c.data.tags["avpea.stage"]) for c in children) == [
+        ("table2_avqa_b16", "final"), ("table2_avqa_b16", "grounding"), ("table3_avqa_gen", "final")]
+    qa = next(c for c in children if c.data.tags["avpea.stage"] == "final" and c.data.tags["avpea.row"] == "table2_avqa_b16")
+    assert qa.data.params["model.init_from"].endswith("repro-demo-table2_avqa_b16-s0-grounding/best_adapters")
     assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "paper_tables")} == {
         "paper_tables/paper_tables.json", "paper_tables/paper_tables.md", "paper_tables/paper_tables.png"}
@@ -156,7 +170,7 @@ def test_demo_reproduction_end_to_end_then_a_rerun_runs_nothing(tiny_avqa_shards
     assert client.get_run(first["parent_run_id"]).info.status == "FINISHED"
     assert {p.name: p.read_bytes() for p in (folder / "trials").iterdir()} == records
     assert len(client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 3
     assert "2 finished before" in capsys.readouterr().out
 
     # On demand, from what finished so far (Table 1 and 4 never ran): the same tables.

@@ -27,6 +27,7 @@ class PaperRow:
     overrides: dict[str, Any] = field(default_factory=dict)
     params_m: dict[str, float] | None = None
     not_comparable: str | None = None
+    grounding: str | None = None
 
     @property
     def table_key(self) -> str:

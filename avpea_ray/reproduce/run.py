@@ -10,7 +10,8 @@ run with a child run per trial, and the tables written back (`tables.py`).
    Each goes through the training preflight, so a missing shard URL or a bad field is refused,
    naming the file, field or flag, before any worker starts.
 2. A trial is a Tune trial driver that fits its Train run with `fit_run` (as a sweep trial
-   does) and, when the run finished, writes its record `<storage>/<name>/trials/<row>-s<seed>.json`
+   does; an AVQA row first fits AVST's grounding stage, whose best adapters start its QA
+   stage) and, when the run finished, writes its record `<storage>/<name>/trials/<row>-s<seed>.json`
    atomically. The records are what "finished" means: running the same --name again skips
    every trial with a record (it re-runs nothing finished) and resumes the others from their
    own Train checkpoints (their run names are stable).
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ class PlannedTrial:
     seed: int
     cfg: TrainConfig          # preflighted: absolute paths, run name
     parameters: dict[str, int]
+    grounding: TrainConfig | None = None  # AVQA's first stage, run before `cfg`
 
     @property
     def key(self) -> str:
@@ -126,28 +128,36 @@ def read_shard_locations(path: str, datasets: set[str]) -> dict[str, dict[str, s
 
 
 def select_rows(rows: list[PaperRow], only: list[str]) -> list[PaperRow]:
-    """The rows of the tables `--only` names (all without it)."""
+    """The rows `--only` names, by table ("table1") or by row id ("table4_none"); all without it."""
     if not only:
         return rows
     known = tables_of(rows)
-    unknown = [t for t in only if t not in known]
+    unknown = [t for t in only if t not in known and t not in {row.id for row in rows}]
     if unknown:
-        raise ConfigError(f"--only: unknown table(s) {unknown}; the paper's are {','.join(known)}")
-    return [row for row in rows if row.table_key in only]
+        raise ConfigError(f"--only: unknown table(s) or row(s) {unknown}; the paper's tables are "
+                          f"{','.join(known)}, its rows {','.join(row.id for row in rows)}")
+    return [row for row in rows if row.table_key in only or row.id in only]
 
 
 def trial_config(request: ReproRequest, row: PaperRow, seed: int,
-                 locations: dict[str, dict[str, str]]) -> TrainConfig:
+                 locations: dict[str, dict[str, str]], stage: str = "") -> TrainConfig:
     """The TrainConfig of one (row, seed): row config (or the task's demo config) <- the
-    row's settings <- shard URLs <- the request's overrides <- seed and run name."""
+    row's settings <- shard URLs <- the request's overrides <- seed and run name.
+
+    `stage="grounding"`: the row's first stage (its `grounding` config; with --demo the demo
+    config with `head.stage: grounding`). The QA stage after it is planned with
+    `model.init_from` empty: the trial sets it to the grounding run's best adapters."""
     task = get_task(row.task)
-    file = request.configs / (task.demo_config if request.demo else row.config)
+    grounding = stage == "grounding"
+    file = request.configs / (task.demo_config if request.demo else row.grounding if grounding else row.config)
     if not file.is_file():
         raise ConfigError(f"row {row.id}: config {file} not found (the configs ship with the repository)")
     values: dict[str, Any] = dict(row.overrides)
     if row.task in DATASETS and DATASETS[row.task] in locations:
         values |= {f"data.{split}": url for split, url in locations[DATASETS[row.task]].items()}
-    values |= {"data.seed": seed, "run.name": f"{request.name}-{row.id}-s{seed}",
+    if row.grounding:
+        values |= {"model.init_from": ""} | ({"head.stage": "grounding"} if grounding else {})
+    values |= {"data.seed": seed, "run.name": f"{request.name}-{row.id}-s{seed}" + ("-grounding" if grounding else ""),
                "run.storage_path": request.storage_path}
     try:
         cfg = load_config(TrainConfig, file, request.overrides, values=values)
@@ -180,13 +190,17 @@ def plan_reproduction(request: ReproRequest, paper_text: str | None = None) -> R
     trials, uris = [], set()
     for row in chosen:
         for seed in range(request.seeds):
-            try:
-                checked = preflight(trial_config(request, row, seed, locations))
-            except ConfigError as err:
-                message = str(err)
-                raise ConfigError(message if message.startswith("row ") else f"row {row.id}: {message}") from err
-            trials.append(PlannedTrial(row, seed, checked.cfg, checked.parameter_counts))
-            uris.add(checked.tracking_uri)
+            stages = {}
+            for stage in (["grounding"] if row.grounding else []) + [""]:
+                try:
+                    stages[stage] = preflight(trial_config(request, row, seed, locations, stage))
+                except ConfigError as err:
+                    message = str(err)
+                    raise ConfigError(message if message.startswith("row ") else f"row {row.id}: {message}") from err
+                uris.add(stages[stage].tracking_uri)
+            first = stages.get("grounding")
+            trials.append(PlannedTrial(row, seed, stages[""].cfg, stages[""].parameter_counts,
+                                       first.cfg if first else None))
     if len(uris) > 1:
         raise ConfigError(f"run.tracking_uri: the rows would track in different stores {sorted(uris)}; "
                           f"set one with run.tracking_uri=...")
@@ -244,18 +258,31 @@ def run_trial(point: dict[str, Any], setup: dict[str, Any]) -> None:
     from ..train.fit import fit_run
 
     spec = setup["trials"][point["trial"]]
-    checked = preflight(from_dict(TrainConfig, spec["config"]))
     dry_run = setup["dry_run"]
-    summary = fit_run(checked, dry_run=dry_run, mlflow_name=f"{spec['row']} seed {spec['seed']}",
-                      parent_run_id=None if dry_run else setup["parent_run_id"],
-                      callbacks=[TuneReportCallback()],
-                      tags={"avpea.reproduce": setup["name"], "avpea.row": spec["row"],
-                            "avpea.seed": str(spec["seed"])})
+
+    def fit(cfg: TrainConfig, stage: str) -> dict[str, Any]:
+        return fit_run(preflight(cfg), dry_run=dry_run, mlflow_name=f"{spec['row']} seed {spec['seed']}{stage}",
+                       parent_run_id=None if dry_run else setup["parent_run_id"],
+                       callbacks=[TuneReportCallback()],
+                       tags={"avpea.reproduce": setup["name"], "avpea.row": spec["row"],
+                             "avpea.seed": str(spec["seed"]), "avpea.stage": stage.strip() or "final"})
+
+    cfg = from_dict(TrainConfig, spec["config"])
+    seconds, grounding = 0.0, None
+    if spec.get("grounding"):
+        grounding = fit(from_dict(TrainConfig, spec["grounding"]), " grounding")
+        seconds += grounding["seconds"]
+        if not dry_run:  # a dry run's grounding stage leaves no adapters to start from
+            if not grounding.get("best_adapters"):
+                raise RuntimeError(f"{spec['row']}: the grounding stage left no best adapters to start QA from")
+            cfg = replace(cfg, model=replace(cfg.model, init_from=grounding["best_adapters"]))
+    summary = fit(cfg, "")
     if dry_run:
         return
     record = {"row": spec["row"], "seed": spec["seed"], "status": "finished", "metrics": summary["metrics"],
-              "parameters": summary["parameters"], "seconds": summary["seconds"], "gpus": spec["gpus"],
+              "parameters": summary["parameters"], "seconds": seconds + summary["seconds"], "gpus": spec["gpus"],
               "mlflow_run_id": summary["mlflow_run_id"], "run_folder": summary["run_folder"],
+              "grounding_run_folder": grounding and grounding["run_folder"],
               "config": spec["config"], "finished_at": time.time()}
     storage.atomic_write_bytes(spec["record_url"], json.dumps(record, indent=1).encode("utf-8"))
 
@@ -280,6 +307,7 @@ def run_trials(plan: ReproPlan, todo: list[PlannedTrial], parent_run_id: str | N
 
     setup = {"name": plan.request.name, "parent_run_id": parent_run_id, "dry_run": plan.request.dry_run,
              "trials": {t.key: {"row": t.row.id, "seed": t.seed, "gpus": t.gpus, "config": to_dict(t.cfg),
+                                "grounding": to_dict(t.grounding) if t.grounding else None,
                                 "record_url": record_url(plan, t.key)} for t in todo}}
 
     def avpea_reproduce_trial(config: dict) -> None:
