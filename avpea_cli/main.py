@@ -2,6 +2,7 @@
 
     avpea-ray train     [--config FILE] [section.key=value ...] [--num-workers N] [--use-gpu] ...
     avpea-ray sweep     [--config FILE] [section.key=value ...] [--name NAME] ...
+    avpea-ray reproduce (--shards FILE --storage-path PATH | --demo) [--only table1,table4] ...
     avpea-ray shard     {musicavqa,ave,valor,demo,synth-musicavqa,synth-ave,synth-valor} ...
     avpea-ray validate  URL [--ranks R] [--loader-workers W]
     avpea-ray params    [--task TASK] [--backbone NAME] [--reduction-factor R] [head.key=value ...]
@@ -42,6 +43,18 @@ examples:
       --storage-path s3://YOUR-BUCKET/avpea/runs --name avqa-b16-sweep
 
 The same --name and --storage-path again continue the sweep (finished trials are not rerun)."""
+
+REPRODUCE_HELP = """Reproduce the paper's Tables 1-4: every row a Ray Tune trial (MLflow child runs under
+one parent), then paper_tables.md/.json/.png: published beside measured, with the gap.
+
+examples:
+  avpea-ray reproduce --demo --only table2 optim.epochs=1      # toy size, synthetic data
+  avpea-ray reproduce --shards shards.yaml --storage-path s3://YOUR-BUCKET/avpea/runs \\
+      run.num_workers=8 run.use_gpu=true --seeds 3
+  avpea-ray reproduce --shards shards.yaml --storage-path s3://YOUR-BUCKET/avpea/runs --tables-only
+
+shards.yaml: ave, musicavqa, valor32k, each {train: URL, val: URL, test: URL}.
+The same --name and --storage-path again re-run nothing finished (see jobs/reproduce.py)."""
 
 # `avpea-ray shard <dataset>` -> the tool's module; each takes its own flags (--help).
 SHARDERS = {
@@ -93,6 +106,14 @@ def _sweep(argv: list[str]) -> int:
                          build_demo_data=ensure_demo_data, prog=f"{PROG} sweep")
 
 
+def _reproduce(argv: list[str]) -> int:
+    from avpea_ray.cli import run_reproduce_job
+    from sharding.demo import ensure_demo_data
+
+    return run_reproduce_job(REPRODUCE_HELP, argv, configs=CONFIGS, build_demo_data=ensure_demo_data,
+                             prog=f"{PROG} reproduce")
+
+
 def _shard(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SHARDERS:
         print(f"usage: {PROG} shard {{{','.join(SHARDERS)}}} ...\n\n{SHARD_HELP}")
@@ -138,6 +159,7 @@ def _infer(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train or resume one run (task from the config; no config: the demo)"),
     "sweep": (_sweep, "a Ray Tune sweep over reduction factor, gating and learning rate"),
+    "reproduce": (_reproduce, "the paper's Tables 1-4 as Tune trials, written back beside the paper's"),
     "shard": (_shard, "datasets as released -> shards"),
     "validate": (_validate, "check a sharded split"),
     "params": (_params, "parameter counts of a model, no weights needed"),

@@ -4,6 +4,8 @@
                           [--storage-path PATH] [--run-name NAME] [--dry-run] [--summary-json PATH]
     python jobs/sweep.py  [--config FILE] [section.key=value ...] [--name NAME]
                           [--storage-path PATH] [--max-concurrent-trials N] [--summary-json PATH]
+    python jobs/reproduce.py (--shards FILE --storage-path PATH | --demo) [--name NAME]
+                          [--only table1,table4] [--seeds N] [--dry-run] [--tables-only] ...
 
 Without --config a job runs its task's demo config (`configs/demo_<task>.yaml`); a config whose
 shards lie under demo_data/ gets its synthetic data built first, by the `build_demo_data`
@@ -184,3 +186,63 @@ def fail(err: Exception) -> int:
     """A user error: one clear line, no traceback."""
     print(f"error: {err}", file=sys.stderr)
     return 2
+
+
+def parse_reproduce_args(description: str, argv: list[str] | None = None,
+                         prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides for every trial, e.g. optim.epochs=1 run.num_workers=8")
+    parser.add_argument("--shards", help="shard locations: a YAML with ave, musicavqa and valor32k, "
+                        "each with train/val/test URLs")
+    parser.add_argument("--storage-path", help="trials, their records and the tables: local dir or s3://")
+    parser.add_argument("--name", default="avpea-paper",
+                        help="the reproduction's name: the same name again re-runs nothing finished")
+    parser.add_argument("--only", default="", help="comma-separated tables or rows, e.g. table1,table4 or "
+                        "table4_none (default: all)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per row (data.seed 0..N-1): mean and spread")
+    parser.add_argument("--dry-run", action="store_true", help="one train and one eval batch per trial")
+    parser.add_argument("--demo", action="store_true",
+                        help="every row at toy size: the tasks' demo configs (tiny ViT) on synthetic data")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="run nothing: write the tables from the trials finished so far")
+    parser.add_argument("--max-concurrent-trials", type=int, default=0,
+                        help="trials at a time (0: as many as the cluster holds)")
+    parser.add_argument("--summary-json", help="also write the summary here")
+    return parser.parse_intermixed_args(argv)
+
+
+def run_reproduce_job(description: str, argv: list[str] | None = None, configs: str | Path | None = None,
+                      build_demo_data: Callable[[str], object] | None = None, prog: str | None = None) -> int:
+    """What `jobs/reproduce.py` and `avpea-ray reproduce` do: plan every row (all checks before
+    any worker starts), run what is not finished as Tune trials, write the tables. Exit 1 when a
+    trial failed."""
+    from .reproduce.run import ReproRequest, demo_tasks, plan_reproduction, run_reproduction
+
+    args = parse_reproduce_args(description, argv, prog=prog)
+    request = ReproRequest(
+        configs=Path(configs or "configs"), name=args.name, shards=args.shards,
+        storage_path=args.storage_path or ("runs" if args.demo else ""),
+        only=[t.strip() for t in args.only.split(",") if t.strip()], seeds=args.seeds, demo=args.demo,
+        dry_run=args.dry_run, overrides=list(args.overrides), max_concurrent_trials=args.max_concurrent_trials)
+    try:
+        if args.demo and not args.shards:
+            print(DEMO_NOTICE.format(data=DEMO_DATA, config="each task's configs/demo_<task>.yaml"))
+            if build_demo_data is not None:
+                for task in dict.fromkeys(demo_tasks(request)):
+                    build_demo_data(task)
+        plan = plan_reproduction(request)
+        summary = run_reproduction(plan, tables_only=args.tables_only)
+    except ConfigError as err:
+        return fail(err)
+    if summary.get("files"):
+        print(f"tables: {', '.join(summary['files'].values())}")
+        holds = summary["ordering_holds"]
+        print("Table 4 ordering (both > visual > audio > none): " +
+              {True: "holds", False: "FAILS", None: "not checked (rows missing)"}[holds])
+    if args.dry_run:
+        print(f"dry run ok: {len(summary['ran'])} trial(s) ran one batch each" if not summary["failed"]
+              else f"dry run: {len(summary['failed'])} trial(s) failed: {', '.join(summary['failed'])}")
+    write_summary(summary, args.summary_json)
+    return 1 if summary["failed"] else 0

@@ -1,12 +1,12 @@
 """Synthetic demo data for a task: a release in the dataset's layout, sharded per split.
 
-    python -m sharding.demo --task avqa|avel|avr|avc [--root demo_data] [--image-size 64]
+    python -m sharding.demo --task avqa|avqa_gen|avel|avr|avc [--root demo_data] [--image-size 64]
 
 Built once, on first use; a split whose `shards.json` exists is left as it is.
 
 | task | release (generator) | shards |
 |---|---|---|
-| avqa | `ROOT/release` (sharding.synth, MUSIC-AVQA layout) | `ROOT/shards/{train,val,test}` |
+| avqa, avqa_gen | `ROOT/release` (sharding.synth, MUSIC-AVQA layout) | `ROOT/shards/{train,val,test}` |
 | avel | `ROOT/ave/release` (sharding.synth_ave, AVE layout) | `ROOT/ave/shards/{train,val,test}` |
 | avr, avc | `ROOT/valor/release` (sharding.synth_valor, VALOR-32K layout) | `ROOT/valor/shards/{train,val,test}` |
 """
@@ -63,7 +63,7 @@ def _ave() -> _Demo:
                  ave.main)
 
 
-DEMOS: dict[str, Callable[[], _Demo]] = {"avqa": _avqa, "avel": _ave, "avr": _valor,
+DEMOS: dict[str, Callable[[], _Demo]] = {"avqa": _avqa, "avqa_gen": _avqa, "avel": _ave, "avr": _valor,
                                          "avc": _valor}
 
 
@@ -72,7 +72,8 @@ def ensure_demo_data(task: str, root: str | Path = "demo_data",
     """Build the task's synthetic release and its shards where they are missing.
 
     Args:
-        task: "avqa", "avel", "avr" or "avc" (retrieval and captioning share one dataset).
+        task: "avqa", "avqa_gen", "avel", "avr" or "avc" (the two AVQA tasks share one dataset,
+            retrieval and captioning another).
         root: the demo folder.
         image_size: frame side in the shards (the model's input size).
 

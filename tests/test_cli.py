@@ -30,9 +30,10 @@ def test_the_console_script_is_installed_and_lists_every_command():
     ("params", "avpea-ray params --task avel"),
     ("predict", "avpea-ray predict runs/avqa-demo/best_adapters --video concert.mp4"),
     ("infer", "avpea-ray infer runs/avqa-demo/best_adapters --shards demo_data/shards/test"),
+    ("reproduce", "avpea-ray reproduce --demo --only table2 optim.epochs=1"),
 ])
 def test_each_command_has_help_with_a_real_example(command, example, capsys):
-    assert set(COMMANDS) == {"train", "sweep", "shard", "validate", "params", "predict", "infer"}
+    assert set(COMMANDS) == {"train", "sweep", "shard", "validate", "params", "predict", "infer", "reproduce"}
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert example in out, out

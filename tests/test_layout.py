@@ -2,6 +2,7 @@
 
     jobs, bench, avpea_cli, deploy   entry points (`avpea-ray`), benchmarks, the image's check
     avpea_ray.cli, avpea_ray.__main__   the command line
+    avpea_ray.reproduce              the paper's tables: every row a Tune trial, tables written back
     avpea_ray.tune                   sweeps
     avpea_ray.train                  one run: checks, Ray, loop, checkpoints, tracking
     avpea_ray.infer                  using trained adapters: predict, batch inference on Ray Data
@@ -21,8 +22,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = {
-    "jobs": 6, "bench": 6, "avpea_cli": 6, "deploy": 6,
-    "avpea_ray.cli": 5, "avpea_ray.__main__": 5,
+    "jobs": 7, "bench": 7, "avpea_cli": 7, "deploy": 7,
+    "avpea_ray.cli": 6, "avpea_ray.__main__": 6,
+    "avpea_ray.reproduce": 5,
     "avpea_ray.tune": 4,
     "avpea_ray.train": 3, "avpea_ray.infer": 3,
     "avpea_ray.tasks": 2, "sharding": 2,

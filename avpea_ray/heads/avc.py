@@ -115,26 +115,40 @@ class AVCHead(nn.Module):
     # -- decoding ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, visual: torch.Tensor, audio: torch.Tensor, beam_size: int = 1,
-                 max_length: int | None = None, length_penalty: float = 1.0) -> list[list[int]]:
-        """Decode one caption per clip (greedy when `beam_size` is 1).
+                 max_length: int | None = None, length_penalty: float = 1.0,
+                 prefix: torch.Tensor | None = None,
+                 video_index: torch.Tensor | None = None) -> list[list[int]]:
+        """Decode one text per clip, or per prefix (greedy when `beam_size` is 1).
 
         Beams are ranked by summed log-probability divided by `length ** length_penalty`
         (length counts the generated tokens up to and including the end token); a finished
         beam keeps its score and is only extended by padding.
 
+        Args:
+            prefix: `(C, P)` token ids every decoded text continues, each starting with the
+                start token and none padded (so all C have the same length P); default: the
+                start token alone. Generative question answering passes `[bos] question [sep]`.
+            video_index: `(C,)` the clip each prefix is about (default: prefix i is clip i).
+
         Returns:
-            Per clip, the generated token ids without the start, end and padding tokens.
+            Per clip (or prefix), the generated token ids after the prefix, without the end and
+            padding tokens (nor the start token).
         """
         max_length = min(max_length or self.max_length, self.max_length)
         memory = self.memory(visual, audio)
+        if video_index is not None:
+            memory = memory[video_index]
         batch, beams = memory.shape[0], beam_size
         memory = memory.repeat_interleave(beams, dim=0)
-        tokens = torch.full((batch * beams, 1), self.bos_id, dtype=torch.long, device=memory.device)
+        if prefix is None:
+            prefix = torch.full((batch, 1), self.bos_id, dtype=torch.long, device=memory.device)
+        start = prefix.shape[1]
+        tokens = prefix.to(memory.device).repeat_interleave(beams, dim=0)
         scores = torch.full((batch, beams), float("-inf"), device=memory.device)
         scores[:, 0] = 0.0  # all beams start identical: expand only the first
         finished = torch.zeros(batch * beams, dtype=torch.bool, device=memory.device)
         lengths = torch.zeros(batch * beams, device=memory.device)
-        for _ in range(max_length - 1):
+        for _ in range(max_length - start):
             log_probs = self.logits(memory, tokens)[:, -1].float().log_softmax(-1)
             log_probs[:, self.pad_id] = float("-inf")
             # A finished beam may only append padding, at no cost.
@@ -154,4 +168,4 @@ class AVCHead(nn.Module):
         normalised = scores / lengths.view(batch, beams).clamp(min=1) ** length_penalty
         best = normalised.argmax(-1) + torch.arange(batch, device=memory.device) * beams
         special = {self.bos_id, self.eos_id, self.pad_id}
-        return [[t for t in row if t not in special] for row in tokens[best, 1:].tolist()]
+        return [[t for t in row if t not in special] for row in tokens[best, start:].tolist()]

@@ -111,6 +111,11 @@ class Predictor:
                               "run's best_adapters/ or a checkpoint_*/best_adapters/ folder") from None
         except (AdapterMismatchError, json.JSONDecodeError) as err:
             raise ConfigError(f"{directory}: unreadable adapter_config.json ({err})") from None
+        if saved.get("task") not in TASK_NAMES:
+            # e.g. generative AVQA: its answers are decoded text, which predict does not do yet.
+            raise ConfigError(f"{directory}: adapters for task {saved.get('task')!r}; predict and infer "
+                              f"serve {', '.join(TASK_NAMES)} (score generative AVQA adapters with "
+                              f"jobs/avqa_gen.py's test evaluation)")
         inputs = _read_inputs(directory, train_shards)
         device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # A random backbone is what torch's RNG drew right after training seeded it: draw it again.

@@ -19,10 +19,12 @@ from ..model.task_model import AVPEAModel
 from .avc import AVCTask
 from .avel import AVELTask
 from .avqa import AVQATask
+from .avqa_gen import AVQAGenTask
 from .avr import AVRTask
 from .base import Batch, Task
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (AVQATask, AVELTask, AVRTask, AVCTask)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (AVQATask, AVELTask, AVRTask, AVCTask,
+                                                                   AVQAGenTask)}
 
 
 def register(task: type[Task]) -> type[Task]:

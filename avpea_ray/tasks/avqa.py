@@ -53,6 +53,16 @@ class AVQAHeadConfig:
                               f"head.num_heads={self.num_heads}")
 
 
+def read_vocab(cfg, index) -> dict[str, Any]:
+    """The train split's vocabularies (`vocab.json` beside its shards by default)."""
+    url = cfg.data.vocab or storage.join(index.root, index.extra.get("vocab", "vocab.json"))
+    try:
+        return json.loads(storage.read_bytes(url))
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.vocab: AVQA vocabulary {url!r} not found: shard the train split "
+                          f"with sharding.musicavqa or set data.vocab") from err
+
+
 class AVQATask(Task):
     """MUSIC-AVQA: one sample per video holding all its questions."""
 
@@ -77,7 +87,7 @@ class AVQATask(Task):
 
     def __init__(self, cfg, vocab: dict[str, Any]):
         super().__init__(cfg)
-        self.grounding = cfg is not None and cfg.head.stage == "grounding"
+        self.grounding = cfg is not None and getattr(cfg.head, "stage", "qa") == "grounding"
         self.vocab = vocab
         self.answers = vocab["answers"]
         counts = vocab.get("answer_counts")
@@ -86,13 +96,7 @@ class AVQATask(Task):
 
     @classmethod
     def from_config(cls, cfg, index) -> "AVQATask":
-        """Read the train split's vocabularies (`vocab.json` beside its shards by default)."""
-        url = cfg.data.vocab or storage.join(index.root, index.extra.get("vocab", "vocab.json"))
-        try:
-            return cls(cfg, json.loads(storage.read_bytes(url)))
-        except FileNotFoundError as err:
-            raise ConfigError(f"data.vocab: AVQA vocabulary {url!r} not found: shard the train split "
-                              f"with sharding.musicavqa or set data.vocab") from err
+        return cls(cfg, read_vocab(cfg, index))
 
     def adapter_files(self) -> dict[str, bytes]:
         """The vocabularies (`predict` turns questions into ids and answers into words)."""
