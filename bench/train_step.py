@@ -103,7 +103,8 @@ def make_config(args, reference: bool) -> TrainConfig:
 
 # The trunk switches of the reference (each stream through each block separately) and of the
 # fast variant (the defaults, plus what the command line asks for).
-REFERENCE_MODEL = {"fuse_streams": False, "fused_attention": False, "activation_checkpointing": False}
+REFERENCE_MODEL = {"fuse_streams": False, "fused_attention": False, "activation_checkpointing": False,
+                   "channels_last": False}
 FAST_MODEL: dict = {}
 
 
@@ -317,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the fast variant")
     ap.add_argument("--checkpointing", action="store_true",
                     help="activation checkpointing in the fast variant's trunk")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="the fast variant's patch-embedding convolution in channels-last layout")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the accelerator's dense bf16 peak, for MFU (H100/H200: 989)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
@@ -335,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     args.batch_size = args.batch_size or (2 if args.device == "cpu" else 8)
     if args.checkpointing:
         FAST_MODEL["activation_checkpointing"] = True
+    if args.channels_last:
+        FAST_MODEL["channels_last"] = True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

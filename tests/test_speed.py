@@ -15,7 +15,8 @@ from avpea_ray.config import ConfigError
 from avpea_ray.model import ModelConfig
 from tests.toy import clip_batch, tiny_model
 
-REFERENCE = {"fuse_streams": False, "fused_attention": False, "activation_checkpointing": False}
+REFERENCE = {"fuse_streams": False, "fused_attention": False, "activation_checkpointing": False,
+             "channels_last": False}
 
 # (what is switched on over the reference, the trunk's adapter placement)
 OPTIONS = [
@@ -26,7 +27,9 @@ OPTIONS = [
     ({"fused_attention": True, "fuse_streams": True}, "both"),
     ({"activation_checkpointing": True}, "both"),
     ({"activation_checkpointing": True, "fuse_streams": True}, "audio"),
-    ({"fuse_streams": True, "fused_attention": True, "activation_checkpointing": True}, "both"),
+    ({"channels_last": True}, "both"),
+    ({"fuse_streams": True, "fused_attention": True, "activation_checkpointing": True, "channels_last": True},
+     "both"),
 ]
 
 
@@ -80,7 +83,8 @@ def test_option_gives_the_reference_outputs_and_gradients(options, adapters):
 
 def test_the_fast_path_is_the_default():
     config = ModelConfig()
-    assert (config.fuse_streams, config.fused_attention, config.activation_checkpointing) == (True, True, False)
+    assert (config.fuse_streams, config.fused_attention, config.activation_checkpointing,
+            config.channels_last) == (True, True, False, False)
     assert tiny_model().trunk.fuse_streams
 
 
@@ -93,7 +97,24 @@ def test_frozen_backbone_gets_no_gradient_work():
     assert not embedded.requires_grad
 
 
-@pytest.mark.parametrize("field", ["fuse_streams", "fused_attention", "activation_checkpointing"])
+def test_channels_last_reaches_the_patch_embedding():
+    """The option is not a no-op: the convolution gets channels-last images and weight (the
+    option tests above show the values are the same)."""
+    seen = []
+    for option in (False, True):
+        model = tiny_model("avqa", channels_last=option)
+        proj = model.trunk.backbone.patch_embed.proj
+        handle = proj.register_forward_pre_hook(lambda m, args: seen.append(
+            (args[0].is_contiguous(memory_format=torch.channels_last) and args[0].shape[1] > 1,
+             m.weight.is_contiguous(memory_format=torch.channels_last))))
+        frames, fbank = clip_batch(batch=2, steps=1)
+        with torch.no_grad():
+            model.trunk.forward_features(model.trunk.normalize_frames(frames.flatten(0, 1)), fbank.flatten(0, 1))
+        handle.remove()
+    assert seen == [(False, False)] * 2 + [(True, True)] * 2  # frames, then spectrograms
+
+
+@pytest.mark.parametrize("field", ["fuse_streams", "fused_attention", "activation_checkpointing", "channels_last"])
 def test_execution_switch_must_be_a_bool(field):
     with pytest.raises(ConfigError, match=f"model.{field}"):
         ModelConfig(**{field: "yes"})

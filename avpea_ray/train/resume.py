@@ -42,7 +42,7 @@ MAY_CHANGE = frozenset({
     "run.sample_ledger", "run.verbose", "run.progress", "run.system_metrics_every_s", "run.fail_at_step", "run.fail_in_checkpoint_at_step", "run.pause_at_step", "run.hold_upload_at_step",
     "run.fail_rank",
     "data.eval_batch_size", "data.allow_damaged", "evaluation.meteor",
-    "model.fuse_streams", "model.fused_attention", "model.activation_checkpointing",
+    "model.fuse_streams", "model.fused_attention", "model.activation_checkpointing", "model.channels_last",
     "run.compile", "run.checkpoint_upload",
 })
 # Compared through the shards' index identity instead of their location.
