@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the training step in one go (under 8 minutes on one H100/H200):
 # ViT-B/16 and ViT-L/16 at T=10, the fast path against the reference, torch.compile on and
-# off, activation checkpointing, the Ray Train overhead (B/16); then one table (bench/train_step.py's numbers, MFU against
+# off, activation checkpointing, channels-last patch embedding (B/16), the Ray Train overhead (B/16); then one table (bench/train_step.py's numbers, MFU against
 # the bf16 dense peak given as PEAK_TFLOPS, default 989).
 #
 #   bash bench/gpu_report.sh [OUT_DIR]
@@ -22,6 +22,7 @@ run() {  # name, then bench arguments
 run b16 --model b16 --batch-size ${B16_BATCH:-8}
 run b16_compile --model b16 --batch-size ${B16_BATCH:-8} --compile --variants fast
 run b16_checkpointing --model b16 --batch-size ${B16_BATCH:-8} --checkpointing --variants fast
+run b16_channels_last --model b16 --batch-size ${B16_BATCH:-8} --channels-last --variants fast
 run l16 --model l16 --batch-size ${L16_BATCH:-4}
 run l16_compile --model l16 --batch-size ${L16_BATCH:-4} --compile --variants fast
 run l16_checkpointing --model l16 --batch-size ${L16_BATCH:-4} --checkpointing --variants fast
@@ -35,7 +36,7 @@ out, peak = pathlib.Path(sys.argv[1]), float(sys.argv[2])
 print("| run | variant | ms/step | samples/s | frame-pairs/s | QA-pairs/s | peak GiB | TFLOP/s | MFU | compile s | host syncs/step |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 ratios = []
-for name in ("b16", "b16_compile", "b16_checkpointing", "l16", "l16_compile", "l16_checkpointing"):
+for name in ("b16", "b16_compile", "b16_checkpointing", "b16_channels_last", "l16", "l16_compile", "l16_checkpointing"):
     path = out / f"{name}.json"
     if not path.exists():
         continue

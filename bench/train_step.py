@@ -103,7 +103,8 @@ def make_config(args, reference: bool) -> TrainConfig:
 
 # The trunk switches of the reference (each stream through each block separately) and of the
 # fast variant (the defaults, plus what the command line asks for).
-REFERENCE_MODEL = {"fuse_streams": False, "fused_attention": False, "activation_checkpointing": False}
+REFERENCE_MODEL = {"fuse_streams": False, "fused_attention": False, "activation_checkpointing": False,
+                   "channels_last": False}
 FAST_MODEL: dict = {}
 
 
@@ -155,7 +156,8 @@ def run_variant(name: str, args, raws: list[dict], device: torch.device, referen
     model = build_model(cfg.model, "avqa", task.head_args()).to(device)
     step_model = prepare(model) if prepare else model
     compile_s = 0.0
-    if args.compile and not reference:
+    compiled = args.compile and name == "fast"  # fast_eager: the same fast path, not compiled
+    if compiled:
         step_model = torch.compile(step_model)
     optimizer = _optimizer(model, cfg)
     scheduler = _schedule(optimizer, cfg, 1000)  # 1000 steps an epoch (a global batch of 1 "clip")
@@ -179,7 +181,7 @@ def run_variant(name: str, args, raws: list[dict], device: torch.device, referen
     t0 = time.perf_counter()
     step(0)
     sync()
-    if args.compile and not reference:
+    if compiled:
         compile_s = time.perf_counter() - t0  # the first step traces and compiles
     for i in range(1, args.warmup):
         step(i)
@@ -317,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the fast variant")
     ap.add_argument("--checkpointing", action="store_true",
                     help="activation checkpointing in the fast variant's trunk")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="the fast variant's patch-embedding convolution in channels-last layout")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the accelerator's dense bf16 peak, for MFU (H100/H200: 989)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
@@ -325,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
                          "('' skips it)")
     ap.add_argument("--reader-passes", type=int, default=2)
     ap.add_argument("--variants", default="fast,reference_trunk,reference",
-                    help="which variants to run (the ratios need all three)")
+                    help="which variants to run (the ratios need all three; with --compile, fast_eager: "
+                         "the fast step not compiled, for compile_speedup)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--ray", action="store_true",
                     help="only the Ray overhead: the fast steps bare vs. in a 1-worker TorchTrainer "
@@ -335,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     args.batch_size = args.batch_size or (2 if args.device == "cpu" else 8)
     if args.checkpointing:
         FAST_MODEL["activation_checkpointing"] = True
+    if args.channels_last:
+        FAST_MODEL["channels_last"] = True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -356,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     # Rounds: the variants one after the other, again; each keeps its fastest round (a busy
     # machine slows whatever runs while it is busy, not one variant's code).
     for round_ in range(args.rounds):
-        for name, reference in (("fast", False), ("reference_trunk", True), ("reference", True)):
+        for name, reference in (("fast", False), ("fast_eager", False), ("reference_trunk", True),
+                                ("reference", True)):
             if name in wanted:
                 r = run_variant(name, args, raws, device, reference, count_flops=round_ == 0)
                 best = results.setdefault(name, r)
@@ -387,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
                       f, indent=1)
     if "fast" not in results:
         return
+    if args.compile and "fast_eager" in results:
+        print(f"compile_speedup: {results['fast_eager']['step_s'] / results['fast']['step_s']:.2f} "
+              f"(the fast step compiled vs. eager)")
     if args.shards and os.path.exists(os.path.join(args.shards, "shards.json")):
         reader_rate(args, results["fast"]["samples_per_s"])
     if not {"reference_trunk", "reference"} <= results.keys():

@@ -88,11 +88,19 @@ def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(avqa_shar
     common = {"run.num_workers": 2, "optim.epochs": 2, "run.sample_ledger": True, "data.batch_size": 8,
               "run.checkpoint_every_steps": 3, "data.test": ""}
     clean = run_training(_config(avqa_shards, tmp_path, **common, **{"run.name": "clean"}))
-    # Rank 1 is killed twice: at step 5, and before it uploads its part of step 9's checkpoint.
+    # Rank 1 is killed twice: at step 5, and half-way through uploading its part of step 9's
+    # checkpoint. The crashed run uploads asynchronously (`run.checkpoint_upload=async`): step
+    # 9's upload is held until rank 1's loop has gone on to step 11, so the kill comes while
+    # the upload is in flight and the loop is past it (the clean run uploads synchronously).
     crashed = run_training(_config(avqa_shards, tmp_path, **common, **{
-        "run.name": "crashed", "run.fail_at_step": 5, "run.fail_in_checkpoint_at_step": 9, "run.fail_rank": 1}))
+        "run.name": "crashed", "run.fail_at_step": 5, "run.fail_in_checkpoint_at_step": 9, "run.fail_rank": 1,
+        "run.checkpoint_upload": "async", "run.hold_upload_at_step": 9}))
     run_dir = tmp_path / "crashed"
     assert (run_dir / "failure-injected-at-5").exists() and (run_dir / "failure-injected-in-checkpoint-at-9").exists()
+    # Saving did not stall the steps: they went on while step 9's checkpoint was uploading
+    # (synchronously, the hold runs out after 20 s with the loop still at step 9).
+    held = json.loads((run_dir / "upload-held-at-9").read_text())
+    assert held["loop_step_before"] == 9 and held["loop_step_after"] >= 11, held
     # Both ranks restarted from the step-3 checkpoint, mid-epoch (a restart from scratch, or
     # from the epoch's start, would say 0 here and re-train what the checkpoint holds), then
     # from the epoch-end checkpoint of step 8: step 9's lacks rank 1's file and is skipped.

@@ -82,11 +82,20 @@ class AVPEA(nn.Module):
             cls = cls + self.q_gate * attended.to(cls.dtype)
             x = torch.cat((cls, x[:, 1:]), dim=1)
 
+        return self.gate * self._bottleneck(x)
+
+    # Never traced by `torch.compile` (`run.compile`): with torch 2.10-2.11, the compiled
+    # backward of a training-mode BatchNorm followed by a LayerNorm (bn_after -> ln_after) is
+    # wrong (its decomposition; the forward is right): every adapter gradient below it came out
+    # off by up to 100%. Eager here, the frozen blocks around it compiled (tests/test_speed.py
+    # compares the compiled step's gradients with eager's).
+    @torch.compiler.disable
+    def _bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         # (B, N+1, D) -> (B, D, N+1, 1): the 1x1 convs and BatchNorm2d of Algorithm 1 act per token.
         z = self.ln_before(x).transpose(1, 2).unsqueeze(-1)
         z = self.activation(self.bn_before(self.down_sampler(z)))
         z = self.bn_after(self.up_sampler(z))
-        return self.gate * self.ln_after(z.squeeze(-1).transpose(1, 2))
+        return self.ln_after(z.squeeze(-1).transpose(1, 2))
 
 
 def cross_attention(cls: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

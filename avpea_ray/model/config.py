@@ -49,6 +49,8 @@ class ModelConfig:
             (default; the same math) instead of the explicit softmax.
         activation_checkpointing: keep no activations of the frozen blocks for the backward
             pass, recompute them (less memory, ~1/3 more compute; off by default).
+        channels_last: the patch embedding's convolution (the trunk's only one) on
+            channels-last (NHWC) images and weight (the same values; off by default).
         init_from: an adapter directory (another run's `best_adapters`, local or s3://) whose
             adapters and head start this run, e.g. AVQA's grounding stage for its QA stage;
             "" starts from the fresh initialisation. A resume restores its own checkpoint.
@@ -66,6 +68,7 @@ class ModelConfig:
     fuse_streams: bool = True
     fused_attention: bool = True
     activation_checkpointing: bool = False
+    channels_last: bool = False
     init_from: str = ""
 
     def __post_init__(self):
@@ -86,7 +89,7 @@ class ModelConfig:
                            "cross_attention", "gating", "frame_stats", "audio_pos_interp")
 
     # How the trunk is executed, not what it computes: a resume may change them.
-    EXECUTION_FIELDS = ("fuse_streams", "fused_attention", "activation_checkpointing")
+    EXECUTION_FIELDS = ("fuse_streams", "fused_attention", "activation_checkpointing", "channels_last")
 
     def architecture(self) -> dict[str, Any]:
         """The fields that must match for saved adapters to fit."""

@@ -23,6 +23,9 @@ How a block is executed (the same math each way; tests compare outputs and gradi
   in the backward pass instead of kept (memory for compute). Only the frozen block is
   recomputed, never an adapter: recomputing an adapter would update its BatchNorm running
   statistics twice.
+- `channels_last` (off by default): the patch embedding's convolution (the trunk's only one)
+  gets its images and weight in channels-last memory layout (NHWC: what cuDNN's tensor-core
+  convolutions want; the same values, laid out differently).
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ class DualStreamViT(nn.Module):
         fuse_streams: both streams through each frozen block's row-wise layers in one call.
         fused_attention: the frozen blocks' attention by fused SDPA (else explicit softmax).
         activation_checkpointing: recompute the frozen blocks' activations in the backward.
+        channels_last: the patch embedding's convolution in channels-last memory layout.
         **backbone_kwargs: with a model name, passed to `timm.create_model`.
 
     Attributes:
@@ -72,7 +76,8 @@ class DualStreamViT(nn.Module):
                  gating: str = "learned", frame_stats: str = "timm",
                  audio_pos_interp: str = "bicubic_2d", weights: str = "random",
                  fuse_streams: bool = True, fused_attention: bool = True,
-                 activation_checkpointing: bool = False, **backbone_kwargs):
+                 activation_checkpointing: bool = False, channels_last: bool = False,
+                 **backbone_kwargs):
         super().__init__()
         if isinstance(backbone, str):
             backbone = create_backbone(backbone, weights=weights, **backbone_kwargs)
@@ -97,6 +102,9 @@ class DualStreamViT(nn.Module):
         # calls one by one; any other attention runs per stream.
         self.fuse_streams = fuse_streams and all(_fusable(b.attn) for b in backbone.blocks)
         self.activation_checkpointing = activation_checkpointing
+        self.channels_last = channels_last
+        if channels_last:
+            backbone.patch_embed.proj.to(memory_format=torch.channels_last)
         for block in backbone.blocks:
             if hasattr(block.attn, "fused_attn"):
                 block.attn.fused_attn = fused_attention
@@ -137,6 +145,8 @@ class DualStreamViT(nn.Module):
         """Patch-embed `(B, 3, H, W)` images and add the positional embedding resized to their
         patch grid, by `pos_interp` (both the identity at the backbone's own image size)."""
         bb = self.backbone
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = bb.patch_embed.proj(images)  # no size assertion: spectrograms are not square
         grid = x.shape[-2:]
         x = bb.patch_embed.norm(x.flatten(2).transpose(1, 2))

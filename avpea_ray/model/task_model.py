@@ -44,7 +44,8 @@ class AVPEAModel(nn.Module):
             frame_stats=config.frame_stats, audio_pos_interp=config.audio_pos_interp,
             weights=config.weights, fuse_streams=config.fuse_streams,
             fused_attention=config.fused_attention,
-            activation_checkpointing=config.activation_checkpointing, **config.backbone_kwargs)
+            activation_checkpointing=config.activation_checkpointing,
+            channels_last=config.channels_last, **config.backbone_kwargs)
         self.head = head if isinstance(head, nn.Module) else head(self.trunk.dim)
 
     @property

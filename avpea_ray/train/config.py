@@ -161,6 +161,10 @@ class RunConfig:
             half-way through uploading the checkpoint of this global step (0: never).
         pause_at_step: for tests that kill the driver: rank `fail_rank` stops once at this
             global step (a marker file says so) until it is killed (0: never).
+        hold_upload_at_step: for tests of `checkpoint_upload`: rank `fail_rank` holds the
+            upload of this global step's checkpoint (once per run) until its loop has run 2
+            more steps, at most 20 s, and records the loop's step before and after in
+            `<run>/upload-held-at-<step>` (0: never).
     """
 
     name: str = ""
@@ -183,6 +187,7 @@ class RunConfig:
     fail_at_step: int = 0
     fail_in_checkpoint_at_step: int = 0
     pause_at_step: int = 0
+    hold_upload_at_step: int = 0
     fail_rank: int = 0
 
     def __post_init__(self):
@@ -208,12 +213,12 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("checkpoint_every_steps", "fail_at_step", "fail_in_checkpoint_at_step",
-                     "pause_at_step", "fail_rank"):
+                     "pause_at_step", "hold_upload_at_step", "fail_rank"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_failures < -1:
             raise ConfigError(f"run.max_failures must be >= 0 (or -1: retry forever), got {self.max_failures!r}")
-        if ((self.fail_at_step or self.fail_in_checkpoint_at_step or self.pause_at_step)
+        if ((self.fail_at_step or self.fail_in_checkpoint_at_step or self.pause_at_step or self.hold_upload_at_step)
                 and self.fail_rank >= self.min_workers):
             raise ConfigError(f"run.fail_rank={self.fail_rank} but there may be only {self.min_workers} workers")
         if self.system_metrics_every_s < 0:

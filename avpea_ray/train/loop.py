@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray.train
@@ -133,7 +134,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              # checkpoints that still exist (Ray would delete the new one
                              # when it retires the old one of the same name).
                              checkpoint_dir_name=f"checkpoint_{progress.global_step:09d}_{kind}_{attempt}",
-                             checkpoint_upload_fn=_uploader(cfg, rank, progress.global_step),
+                             checkpoint_upload_fn=_uploader(cfg, rank, progress.global_step,
+                                                             lambda: progress.global_step),
                              **({"checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC}
                                 if upload_async else {}))
 
@@ -502,12 +504,14 @@ def _latest_intact_checkpoint(workdir: Path) -> tuple[Path, dict] | None:
     return latest_intact(names, read_text, fetch, workdir)
 
 
-def _uploader(cfg: TrainConfig, rank: int, global_step: int):
+def _uploader(cfg: TrainConfig, rank: int, global_step: int, loop_step: Callable[[], int]):
     """Ray Train's `checkpoint_upload_fn`: copy the files into the run folder one by one, the
-    manifest last (a copy cut short is recognisably partial)."""
+    manifest last (a copy cut short is recognisably partial). `loop_step()` reads the loop's
+    global step now (an asynchronous upload runs beside the loop; a test hook watches it)."""
     import pyarrow.fs
 
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        _maybe_hold_upload(cfg, rank, global_step, loop_step)
         store = ray.train.get_context().get_storage()
         fs, dest = store.storage_filesystem, store.build_checkpoint_path_from_name(dir_name)
         fs.create_dir(dest)
@@ -527,6 +531,26 @@ def _uploader(cfg: TrainConfig, rank: int, global_step: int):
         return ray.train.Checkpoint(path=dest, filesystem=fs)
 
     return upload
+
+
+def _maybe_hold_upload(cfg: TrainConfig, rank: int, global_step: int, loop_step: Callable[[], int]) -> None:
+    """Test hook (`run.hold_upload_at_step`, once per run): hold this upload until the loop has
+    run 2 more steps (at most 20 s) and write down the loop's step before and after. With
+    `run.checkpoint_upload=async` the loop goes on meanwhile; with "sync" it waits in
+    `ray.train.report` for this very upload, so the hold runs out with the loop where it was."""
+    run = cfg.run
+    if rank != run.fail_rank or not run.hold_upload_at_step or global_step != run.hold_upload_at_step:
+        return
+    marker = Path(run.storage_path) / run.name / f"upload-held-at-{global_step}"
+    if marker.exists():
+        return
+    before, deadline = loop_step(), time.monotonic() + 20
+    while loop_step() < global_step + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"loop_step_before": before, "loop_step_after": loop_step()}))
+    _log(rank, f"test hook: upload of step {global_step} held; the loop went from step {before} "
+               f"to {loop_step()}")
 
 
 def _maybe_inject_failure(cfg: TrainConfig, rank: int, global_step: int,

@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 MAY_CHANGE = frozenset({
     "optim.epochs", "run.max_failures", "run.log_every_steps", "run.checkpoint_every_steps",
     "run.keep_checkpoints", "run.tracking_uri", "run.experiment", "run.use_gpu", "run.cpus_per_worker",
-    "run.sample_ledger", "run.verbose", "run.progress", "run.system_metrics_every_s", "run.fail_at_step", "run.fail_in_checkpoint_at_step", "run.pause_at_step",
+    "run.sample_ledger", "run.verbose", "run.progress", "run.system_metrics_every_s", "run.fail_at_step", "run.fail_in_checkpoint_at_step", "run.pause_at_step", "run.hold_upload_at_step",
     "run.fail_rank",
     "data.eval_batch_size", "data.allow_damaged", "evaluation.meteor",
-    "model.fuse_streams", "model.fused_attention", "model.activation_checkpointing",
+    "model.fuse_streams", "model.fused_attention", "model.activation_checkpointing", "model.channels_last",
     "run.compile", "run.checkpoint_upload",
     # The reader re-plans the rest of an epoch over another number of ranks (reader.py).
     "run.num_workers",
