@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine (scripts/setup.sh) and runs the whole test suite in parallel test
 # processes (TEST_PROCESSES, default 4): the end-to-end runs mostly wait on process start-up
-# and Ray's polling, so four share two cores well. Tests that share an expensive module
-# fixture (a training run, a JVM, an auth server) carry one xdist_group and stay together.
+# and Ray's polling, so four share two cores well. (An expensive module fixture, a training
+# run or a server, serves one test: tests of a module may land in different processes.)
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`; for a single test
 # run pytest directly: `.venv/bin/python -m pytest tests/test_model.py -k adapter`.
 set -euo pipefail

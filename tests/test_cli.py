@@ -75,7 +75,10 @@ def test_train_dry_run_on_the_demo_console_is_readable(tmp_path, ray_local):
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-4000:]
     assert "demo mode: synthetic data" in console and "dry run ok" in console, console[-4000:]
-    assert "Traceback" not in console, console
+    # Ray Train logs one warning with a traceback when its autoscaling coordinator takes over 5 s
+    # to answer, on an overloaded machine ("safe to ignore", in its own words); any other
+    # traceback fails this.
+    assert console.count("Traceback") == console.count("Failed to send resource request"), console
     assert "Reporting training result" not in console and "metrics={" not in console, console
 
 

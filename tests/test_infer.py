@@ -352,8 +352,14 @@ def _read_rows(out: Path, fmt: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("trained-avqa")  # one training run for both
-def test_infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avqa, avqa_shards, tmp_path):
+def test_the_trained_adapters_in_batch_inference_and_predict(trained_avqa, avqa_shards, tmp_path, one_torch_thread):
+    """One training run serves both (a run per parallel test process otherwise)."""
+    _infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avqa, avqa_shards, tmp_path / "infer")
+    _predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trained_avqa, avqa_shards,
+                                                                             tmp_path / "predict")
+
+
+def _infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avqa, avqa_shards, tmp_path):
     """One row per test question through `map_batches` on the session's Ray cluster, and the
     accuracy of those rows is the training job's test accuracy, to the last digit."""
     from avpea_ray.data.shards import read_index
@@ -376,10 +382,7 @@ def test_infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avq
     assert report["ray_data"] == {"batch_size": 5, "concurrency": 1, "num_gpus_per_actor": 0, "num_cpus_per_actor": 1.0}
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("trained-avqa")
-def test_predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trained_avqa, avqa_shards, tmp_path,
-                                                                                 one_torch_thread):
+def _predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trained_avqa, avqa_shards, tmp_path):
     from avpea_ray.data.reader import ShardStream
 
     predictor = Predictor.load(trained_avqa["best_adapters"], device="cpu")

@@ -26,7 +26,7 @@ import yaml
 from tests.toy import free_port, mlflow_server
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-auth")]  # one auth server for the module
+pytestmark = pytest.mark.slow
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster.yaml"
 SEARCH = "/api/2.0/mlflow/experiments/search"
@@ -97,8 +97,7 @@ def _sync_user(cluster: dict, uri: str, admin_password: str) -> subprocess.Compl
                  MLFLOW_TRACKING_USERNAME=JOB_USER, MLFLOW_TRACKING_PASSWORD=JOB_PASSWORD))
 
 
-def test_requests_without_credentials_are_refused(server):
-    uri, _ = server
+def _requests_without_credentials_are_refused(uri: str) -> None:
     assert requests.get(uri + SEARCH, params={"max_results": 1}, timeout=30).status_code == 401
     wrong = requests.get(uri + SEARCH, params={"max_results": 1}, auth=("admin", "not-it-12345"),
                          timeout=30)
@@ -108,8 +107,10 @@ def test_requests_without_credentials_are_refused(server):
     assert admin.status_code == 200, admin.text
 
 
-def test_job_user_sync_and_client(server, monkeypatch, tmp_path):
+def test_credentials_refused_then_job_user_sync_and_client(server, monkeypatch, tmp_path):
+    """One test on the module's auth server (a server per parallel test process otherwise)."""
     uri, cluster = server
+    _requests_without_credentials_are_refused(uri)
     # Created, then (second `ray up`) its password reset to the same value.
     for _ in range(2):
         done = _sync_user(cluster, uri, ADMIN_PASSWORD)

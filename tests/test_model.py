@@ -503,7 +503,7 @@ def test_pretrained_offline_without_cache_fails_fast(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     # Fails rather than hangs in network retries; the bound leaves room for the interpreter's
     # imports on a loaded machine (tests run in parallel processes).
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0
     assert "could not load pretrained weights for 'vit_base_patch16_224.augreg_in21k'" in result.stderr
     assert "model.weights=" in result.stderr

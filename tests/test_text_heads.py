@@ -62,7 +62,7 @@ def test_hub_text_model_offline_without_cache_fails_fast(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     # Fails rather than hangs in network retries; the bound leaves room for the interpreter's
     # imports on a loaded machine (tests run in parallel processes).
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0
     assert "'bert-base-uncased' is neither a local directory nor in the Hugging Face cache" in result.stderr
     assert "head.text_model=" in result.stderr
@@ -259,7 +259,7 @@ def test_gather_with_local_grad_across_two_ranks():
     workers = [ctx.Process(target=_gather_worker, args=(r, port, queue)) for r in range(2)]
     for w in workers:
         w.start()
-    results = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in workers))
+    results = dict((r, rest) for r, *rest in (queue.get(timeout=300) for _ in workers))
     for w in workers:
         w.join(timeout=60)
     for rank in range(2):
@@ -318,7 +318,7 @@ def test_retrieval_over_a_test_set_split_across_two_ranks_equals_one_process():
     workers = [ctx.Process(target=_retrieval_worker, args=(r, port, queue)) for r in range(2)]
     for w in workers:
         w.start()
-    results = dict(queue.get(timeout=180) for _ in workers)
+    results = dict(queue.get(timeout=300) for _ in workers)
     for w in workers:
         w.join(timeout=60)
     for rank in range(2):
