@@ -18,6 +18,11 @@ _S3_ENV = {
 }
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: a second intra-op thread each only spin-waits.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """End-to-end runs first: spread over parallel test processes (`-n`), they start early and
     the quick tests fill the gaps, instead of a long run starting last and running alone."""
