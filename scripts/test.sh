@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -n "${TEST_PROCESSES:-3}" "$@"
+exec .venv/bin/python -m pytest -n "${TEST_PROCESSES:-3}" --dist loadgroup "$@"
