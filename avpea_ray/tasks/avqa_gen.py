@@ -30,6 +30,7 @@ from ..heads.avc import AVCHead
 from ..heads.avqa import QUESTION_TYPES, avqa_accuracies, avqa_counts
 from ..heads.text import load_tokenizer
 from ..metrics.answers import exact_matches, normalize_answer  # noqa: F401 (re-exported)
+from .avc import AVCHeadConfig
 from .avqa import AVQATask, read_vocab
 from .base import Batch, CountEvaluator, host_to_device, to_device
 
@@ -38,7 +39,7 @@ _PIECES = re.compile(r"\w+|[^\w\s]")  # what BERT's pre-tokenizer splits words i
 
 
 @dataclass
-class AVQAGenHeadConfig:
+class AVQAGenHeadConfig(AVCHeadConfig):
     """`head:` for avqa_gen (the caption decoder's settings, `AVCHead`).
 
     Attributes:
@@ -48,17 +49,6 @@ class AVQAGenHeadConfig:
         hidden, layers, num_heads, memory_patches, max_steps, dropout: as `head:` for avc.
     """
 
-    text_model: str = "random"
-    hidden: int = 256
-    layers: int = 2
-    num_heads: int = 4
-    memory_patches: int = 1
-    max_steps: int = 64
-    dropout: float = 0.1
-
-    def __post_init__(self):
-        if self.num_heads < 1 or self.hidden % self.num_heads:
-            raise ConfigError(f"head.hidden={self.hidden} must be divisible by head.num_heads={self.num_heads}")
 
 
 def vocabulary_words(vocab: dict[str, Any]) -> list[str]:
