@@ -107,7 +107,11 @@ def _kill_and_resume(avqa_shards, tmp_path, monkeypatch, url: str, ray_tmp: Path
                            capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     console = rerun.stdout + rerun.stderr
-    assert "Traceback" not in console and "Reporting training result" not in console, console[-6000:]
+    # Ray Train logs one warning with a traceback when its autoscaling coordinator takes over 5 s
+    # to answer, on an overloaded machine ("safe to ignore", in its own words); any other
+    # traceback fails this.
+    assert console.count("Traceback") == console.count("Failed to send resource request"), console[-6000:]
+    assert "Reporting training result" not in console, console[-6000:]
     assert "PreemptionWatcher" not in console, console[-6000:]  # Ray's known noise, left out
 
     runs = attempts(run_dir)[0]
