@@ -154,11 +154,11 @@ def run_variant(name: str, args, raws: list[dict], device: torch.device, referen
                           "answers": [f"a{i}" for i in range(ANSWERS)]})
     torch.manual_seed(0)
     model = build_model(cfg.model, "avqa", task.head_args()).to(device)
-    step_model = prepare(model) if prepare else model
     compile_s = 0.0
     compiled = args.compile and name == "fast"  # fast_eager: the same fast path, not compiled
     if compiled:
-        step_model = torch.compile(step_model)
+        model.compile_trunk()  # as the loop does (`run.compile`)
+    step_model = prepare(model) if prepare else model
     optimizer = _optimizer(model, cfg)
     scheduler = _schedule(optimizer, cfg, 1000)  # 1000 steps an epoch (a global batch of 1 "clip")
     autocast = _autocast(cfg, device)

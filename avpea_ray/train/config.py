@@ -150,7 +150,7 @@ class RunConfig:
         system_metrics_every_s: CPU, memory, disk, network (and GPU where present) of every
             node of the run, sampled this often into the MLflow run as
             `system/node<i>/...` (0: off).
-        compile: `torch.compile` the model for the training steps (the first step pays the
+        compile: `torch.compile` the trunk for the training steps (the first step pays the
             compilation; `bench/train_step.py --compile` reports how long it takes).
         checkpoint_upload: "sync" (default): the step waits while a checkpoint is copied to
             storage; "async": Ray Train uploads it in the background and the steps go on

@@ -66,8 +66,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             modules = sorted({name.split(".")[1] if name.startswith("head.") else "adapters" for name in fresh})
             _log(rank, f"model.init_from: {len(loaded)} tensors from {cfg.model.init_from}; "
                        f"fresh: {', '.join(modules) or 'none'}")
+    if cfg.run.compile:
+        model.compile_trunk()
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    step_model = torch.compile(ddp_model) if cfg.run.compile else ddp_model
     optimizer = _optimizer(model, cfg)
 
     def stream(url: str, training: bool) -> ShardStream:
@@ -159,7 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.wait += time.perf_counter() - wait_start
             _maybe_inject_failure(cfg, rank, progress.global_step)
             batch = task.make_batch(raw, device, training=True)
-            loss = train_step(step_model, model, task, batch, optimizer, scheduler, autocast,
+            loss = train_step(ddp_model, model, task, batch, optimizer, scheduler, autocast,
                               cfg.optim.grad_clip)
             progress.global_step += 1
             progress.batches_in_epoch += 1
