@@ -2,7 +2,7 @@
 resume, and bad sweep configs refused before any trial starts.
 
 The end-to-end sweep (4 trials of the tiny ViT, 2 at a time on 2 CPUs) is built so that ASHA
-must stop trials: max_t 3 epochs, grace_period 1, asha_reduction_factor 2, and a variant whose
+must stop trials: max_t 2 epochs, grace_period 1, asha_reduction_factor 2, and a variant whose
 learning rate (1e-6) leaves it far behind the others at the first rung.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _job():
 def _sweep_file(folder: Path, shards: dict, storage: Path, sweep: dict, **train) -> Path:
     """A sweep YAML: the tiny-ViT training config on the test shards plus `sweep`."""
     data: dict = {}
-    for text in train_overrides(shards, storage, **{"optim.epochs": 3} | train):
+    for text in train_overrides(shards, storage, **{"optim.epochs": 2} | train):
         merge(data, *parse_override(text))
     data["sweep"] = sweep
     path = folder / f"sweep-{len(list(folder.glob('sweep-*.yaml')))}.yaml"
@@ -53,7 +53,7 @@ def _sweep_file(folder: Path, shards: dict, storage: Path, sweep: dict, **train)
 E2E = {"name": "e2e", "search": "grid",
        "space": {"model.reduction_factor": [8, 16]},
        "variants": {"learned": {"optim.lr": 4e-3}, "open-slow": {"model.gating": "open", "optim.lr": 1e-6}},
-       "scheduler": {"type": "asha", "metric": "val_score", "mode": "max", "max_t": 3, "grace_period": 1,
+       "scheduler": {"type": "asha", "metric": "val_score", "mode": "max", "max_t": 2, "grace_period": 1,
                      "asha_reduction_factor": 2}}
 
 
@@ -100,7 +100,7 @@ def test_driver_resources_and_concurrency_from_the_cluster(avqa_shards, tmp_path
     path = _sweep_file(tmp_path, avqa_shards, tmp_path / "runs", E2E)
     cfg, sweep = load_sweep_config(str(path))
     plan = prepare_sweep(cfg, sweep)
-    assert plan.num_trials == 4 and plan.max_t == 3
+    assert plan.num_trials == 4 and plan.max_t == 2
     # A trial = driver 0.25 CPU + 1 worker x 0.5 CPU: 2 CPUs hold 2 trials.
     assert max_concurrent_trials(plan, {"CPU": 2.0}) == 2
     assert max_concurrent_trials(plan, {"CPU": 16.0}) == 21
@@ -260,14 +260,14 @@ def test_sweep_end_to_end_with_mlflow_and_resume(avqa_shards, tmp_path, ray_loca
         (v, r) for v in ("learned", "open-slow") for r in (8, 16)}
     for t in trials.values():
         assert t["trainable_params"] > t["adapter_params"] > 0
-        assert 1 <= t["epochs_run"] <= 3
+        assert 1 <= t["epochs_run"] <= 2
         assert t["stopped_early"] == (t["status"] == "stopped early")
         assert t["status"] in ("completed", "stopped early"), t
         if t["status"] == "completed":
-            assert t["epochs_run"] == 3 and "test_avg" in t["final_metrics"]
+            assert t["epochs_run"] == 2 and "test_avg" in t["final_metrics"]
     # ASHA: the lagging variant is stopped at the first rung once a learning trial is recorded.
     slow = [t for t in trials.values() if t["variant"] == "open-slow"]
-    assert any(t["stopped_early"] and t["epochs_run"] < 3 for t in slow), slow
+    assert any(t["stopped_early"] and t["epochs_run"] < 2 for t in slow), slow
     assert summary["num_stopped_early"] >= 1
     best = summary["best"]
     assert best["variant"] == "learned" and best["lr"] == 4e-3

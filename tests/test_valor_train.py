@@ -75,8 +75,8 @@ def test_two_worker_retrieval_beats_chance_and_tracks(valor_shards, tmp_path, ra
 
 
 def test_captioning_beats_captions_of_other_clips(valor_shards, tmp_path, ray_local):
-    argv = [*_overrides(valor_shards, tmp_path, "avc", **{"optim.epochs": 16, "data.batch_size": 8,
-                                                          "optim.lr": 3e-3, "evaluation.beam_size": 2}),
+    argv = [*_overrides(valor_shards, tmp_path, "avc", **{"optim.epochs": 12, "data.batch_size": 8,
+                                                          "optim.lr": 6e-3, "evaluation.beam_size": 2}),
             "--run-name", "avc"]
     summary = _run_job("avc", argv, tmp_path / "avc.json")
     metrics = summary["metrics"]
