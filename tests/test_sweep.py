@@ -228,6 +228,31 @@ def test_stopped_trials_release_their_workers_resources(ray_local):
     _wait_for_free_cpus(2.0)
 
 
+@pytest.mark.slow  # starts Ray
+def test_the_sweeps_end_waits_for_a_dying_trial_to_release_its_workers(ray_local):
+    """When Tune returns, a stopped trial's Train controller may still be dying (seen under load:
+    its workers' group then held its CPU until the job ended). The end of a sweep removes the
+    group once its creator is dead."""
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from avpea_ray.tune.ray_workarounds import release_ended_trials
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start_workers(self):
+            self.group = placement_group([{"CPU": 0.5}])
+            ray.get(self.group.ready())
+
+    dying = Controller.remote()
+    ray.get(dying.start_workers.remote())
+    threading.Timer(2.0, ray.kill, [dying]).start()  # dies after the sweep's end began
+    assert release_ended_trials(timeout_s=60) == 1
+    _wait_for_free_cpus(2.0)
+
+
 def _wait_for_free_cpus(cpus: float, timeout: float = 180.0) -> None:
     # Placement groups of finished trials are removed asynchronously; on a loaded 2-core
     # machine that has taken over 20 s, and over 60 s with the suite's parallel processes.

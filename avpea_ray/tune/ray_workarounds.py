@@ -7,7 +7,7 @@ its issue is fixed:
 - `ResumableASHA`: `Tuner.restore` brings the scheduler back as it was created, so ASHA's rung
   records are lost and restored trials are never stopped
   (https://github.com/ray-project/ray/issues/30838).
-- `remove_orphaned_placement_groups` / `ReleaseStoppedTrials`: a placement group whose creator
+- `remove_orphaned_placement_groups` / `ReleaseStoppedTrials` / `release_ended_trials`: a placement group whose creator
   actor died lives until the whole job ends; Ray Train V2's detached cleaner fails without the
   state API (https://github.com/ray-project/ray/issues/65881,
   https://github.com/ray-project/ray/issues/62753), so stopped trials' workers kept their CPUs.
@@ -18,6 +18,7 @@ import json
 import logging
 import time
 
+import ray
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -98,23 +99,46 @@ def remove_orphaned_placement_groups() -> int:
     Returns:
         How many placement groups were removed.
     """
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    check_ray_version("remove_orphaned_placement_groups")
-    job = ray.get_runtime_context().get_job_id()
     removed = 0
+    for info in _actor_created_groups("remove_orphaned_placement_groups"):
+        if info.creator_actor_dead:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
+            removed += 1
+    return removed
+
+
+def release_ended_trials(timeout_s: float = 60.0) -> int:
+    """At a sweep's end, when every trial has ended: `remove_orphaned_placement_groups` until no
+    placement group of this job's actors is left (or `timeout_s` passes), since a stopped trial's
+    Train controller may still be dying when Tune returns (under load its worker group outlived a
+    single clean-up call and held its CPUs until the job ended).
+
+    Returns:
+        How many placement groups were removed.
+    """
+    deadline = time.monotonic() + timeout_s
+    removed = remove_orphaned_placement_groups()
+    while any(True for _ in _actor_created_groups("release_ended_trials")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        removed += remove_orphaned_placement_groups()
+    return removed
+
+
+def _actor_created_groups(caller: str):
+    """The live placement groups of this job created by an actor (a Train controller's worker
+    groups), as GCS records."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    check_ray_version(caller)
+    job = ray.get_runtime_context().get_job_id()
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         info = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (info.state == gcs_pb2.PlacementGroupTableData.REMOVED or info.is_detached
-                or not info.creator_actor_dead or info.creator_job_id.hex() != job
-                or ray.ActorID(info.creator_actor_id).is_nil()):
-            continue
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
-        removed += 1
-    return removed
+        if (info.state != gcs_pb2.PlacementGroupTableData.REMOVED and not info.is_detached
+                and info.creator_job_id.hex() == job and not ray.ActorID(info.creator_actor_id).is_nil()):
+            yield info
 
 
 class ReleaseStoppedTrials(Callback):

@@ -29,7 +29,7 @@ from ..train.preflight import preflight
 from ..train.tracking import finish_run, flatten, redact_uri, start_or_resume_run
 from .config import VARIANT_AXIS, SweepConfig, is_distribution, trial_config, variant_label
 from .plan import SweepPlan, check_snapshot, prepare_sweep
-from .ray_workarounds import ReleaseStoppedTrials, ResumableASHA, remove_orphaned_placement_groups
+from .ray_workarounds import ReleaseStoppedTrials, ResumableASHA, release_ended_trials
 from .report import collect_trials, finish_children, make_summary, publish_summary
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -179,7 +179,7 @@ def run_sweep(cfg: TrainConfig, sweep: SweepConfig) -> dict[str, Any]:
     except Exception:
         finish_run(plan.tracking_uri, parent_id, [], status="FAILED")
         raise
-    remove_orphaned_placement_groups()  # the last stopped trials' (the cluster may live on)
+    release_ended_trials()  # the last stopped trials' (the cluster may live on)
     trials = collect_trials(plan, grid)
     summary = make_summary(plan, trials, parent_id, restored, time.time() - start)
     finish_children(plan, parent_id, trials)
