@@ -842,6 +842,12 @@ class ShardStream:
         return sum(self._dataset.rank_batches(self._plan()))
 
     @property
+    def steps_left(self) -> int:
+        """Batches this rank still yields in the current epoch (after a resume at another
+        layout: of the re-planned rest, not `steps_per_epoch` minus the steps done)."""
+        return self.steps_per_epoch - self.batches_consumed
+
+    @property
     def dropped_per_epoch(self) -> int:
         """Samples of the split the epoch leaves out (training; 0 in evaluation)."""
         plan = self._plan()

@@ -94,15 +94,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             progress, reader_state, best_state = read_checkpoint(
                 directory, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler)
             train_stream.load_state_dict(reader_state)
+            line = (f"resumed from {directory.name} at epoch {progress.epoch}, batch "
+                    f"{progress.batches_in_epoch} (global step {progress.global_step}, "
+                    f"{progress.samples} clips trained)")
             resized = (reader_state.get("world_size"), reader_state.get("num_workers")) != (
                 world_size, cfg.data.loader_workers)
-            _log(rank, f"resumed from {directory.name} at epoch {progress.epoch}, batch "
-                       f"{progress.batches_in_epoch} (global step {progress.global_step}, "
-                       f"{progress.samples} clips trained)" + (
-                           f"; {reader_state.get('world_size')} -> {world_size} workers: the rest of the "
-                           f"epoch is re-planned, {train_stream.steps_per_epoch - train_stream.batches_consumed} "
-                           f"steps of {global_batch} clips" if resized and train_stream.epoch == progress.epoch
-                           else ""))
+            if resized and train_stream.epoch == progress.epoch:
+                line += (f"; {reader_state.get('world_size')} -> {world_size} workers: the rest of the "
+                         f"epoch is re-planned, {train_stream.steps_left} steps of {global_batch} clips")
+            _log(rank, line)
 
     logger = MetricLogger(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"],
                           enabled=rank == 0 and not dry_run)
@@ -149,7 +149,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # This epoch's steps on each rank: those done plus what the stream has left (another
         # count than steps_per_epoch after a resume at another world size).
         epoch_steps = progress.batches_in_epoch + (
-            0 if rest_is_empty else train_stream.steps_per_epoch - train_stream.batches_consumed)
+            0 if rest_is_empty else train_stream.steps_left)
         if dry_run:
             epoch_steps = 1
         model.train()

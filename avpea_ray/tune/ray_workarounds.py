@@ -7,9 +7,9 @@ its issue is fixed:
 - `ResumableASHA`: `Tuner.restore` brings the scheduler back as it was created, so ASHA's rung
   records are lost and restored trials are never stopped
   (https://github.com/ray-project/ray/issues/30838).
-- `remove_orphaned_placement_groups` / `ReleaseStoppedTrials` / `release_ended_trials`: a placement group whose creator
-  actor died lives until the whole job ends; Ray Train V2's detached cleaner fails without the
-  state API (https://github.com/ray-project/ray/issues/65881,
+- `remove_orphaned_placement_groups` / `ReleaseStoppedTrials` / `release_ended_trials`: a
+  placement group whose creator actor died lives until the whole job ends; Ray Train V2's
+  detached cleaner fails without the state API (https://github.com/ray-project/ray/issues/65881,
   https://github.com/ray-project/ray/issues/62753), so stopped trials' workers kept their CPUs.
 """
 from __future__ import annotations
@@ -120,7 +120,8 @@ def release_ended_trials(timeout_s: float = 60.0) -> int:
     """
     deadline = time.monotonic() + timeout_s
     removed = remove_orphaned_placement_groups()
-    while any(True for _ in _actor_created_groups("release_ended_trials")) and time.monotonic() < deadline:
+    while (next(_actor_created_groups("release_ended_trials"), None) is not None
+           and time.monotonic() < deadline):
         time.sleep(0.5)
         removed += remove_orphaned_placement_groups()
     return removed
