@@ -128,8 +128,10 @@ def ray_local(s3, tmp_path_factory):
     one and the session files live under the test's temporary directory, so another Ray on
     the machine is neither joined nor disturbed. A test that holds resources releases them
     (tests/test_sweep.py checks every CPU is free again after its runs)."""
+    import contextlib
     import shutil
     import signal
+    import socket
     import subprocess
     import sys
     import tempfile
@@ -139,16 +141,16 @@ def ray_local(s3, tmp_path_factory):
 
     from tests.toy import free_port
 
-    port, dashboard = free_port(), free_port()
     tmpdir = tmp_path_factory.mktemp("ray-tmpdir")
     # Short: Ray's unix sockets live under it, and a socket path holds at most 107 bytes (a
     # pytest folder of a parallel test process, .../pytest-N/popen-gw0/..., is too long).
     ray_dir = tempfile.mkdtemp(prefix="avpea-ray-", dir="/tmp")
-    address = f"127.0.0.1:{port}"
     # No node here is a spot instance: Ray Train's preemption watcher (one more actor
     # process per run, polling for notices that never come) stays off.
     # Ray Train's controller polls its workers every 2 s by default: every start, restart and
     # finish of a run waits up to that long, which tiny test runs feel and users do not.
+    port, dashboard = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
     env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     saved = {k: os.environ.get(k) for k in env}
@@ -156,6 +158,7 @@ def ray_local(s3, tmp_path_factory):
     ports = [f"--{flag}={free_port()}" for flag in (
         "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    head_log = open(tmpdir / "ray-head.log", "w")
     # --block keeps the head in its own process group: the fixture stops exactly this cluster
     # (`ray stop` would end every Ray process on the machine).
     head = subprocess.Popen(
@@ -163,13 +166,22 @@ def ray_local(s3, tmp_path_factory):
          "--node-ip-address=127.0.0.1", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
          "--include-dashboard=true", *ports, "--num-cpus=2", "--disable-usage-stats",
          f"--temp-dir={ray_dir}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
         # as from an activated virtual environment: `python` in a submitted job is this one
         env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmpdir)})
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert head.poll() is None, "ray start --head exited"
+            # Its output says why it stopped (e.g. a port found free, then taken by another
+            # test process's cluster before the head bound it).
+            assert head.poll() is None, (f"ray start --head exited; its output:\n"
+                                         f"{(tmpdir / 'ray-head.log').read_text()[-3000:]}")
+            try:  # ray.init would wait minutes on a GCS that is not listening yet (or never)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                assert time.monotonic() < deadline, "Ray head not up in 120 s"
+                time.sleep(0.5)
+                continue
             try:
                 ray.init(address=address, log_to_driver=False)
                 break
@@ -180,9 +192,12 @@ def ray_local(s3, tmp_path_factory):
     finally:
         ray.shutdown()
         # Nothing in it is kept: its processes (all in the head's process group) are killed
-        # outright; a SIGTERM'd head spends half a minute stopping them one by one.
-        os.killpg(head.pid, signal.SIGKILL)
+        # outright; a SIGTERM'd head spends half a minute stopping them one by one. (A head
+        # that exited on its own may have left none: its error above is the one to see.)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+        head_log.close()
         shutil.rmtree(ray_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
