@@ -447,17 +447,23 @@ def test_captioning_and_retrieval_adapters_caption_and_rank_videos(tmp_path, one
         predict(predictor, videos, device="cpu")
 
 
-def test_adapters_on_object_storage_are_fetched(tiny_avqa, s3):
-    """What actors on a cluster read: the adapter directory on s3:// (tokenizer folders too)."""
+def test_adapters_on_object_storage_are_fetched(tiny_avqa, s3, tmp_path, monkeypatch):
+    """What actors on a cluster read: the adapter directory on s3:// (tokenizer folders too),
+    fetched into a temporary folder that is gone once loaded (or refused)."""
+    import tempfile
+
     from avpea_ray.data import storage
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     url = s3.make_bucket("avpea-adapters") + "/runs/demo/best_adapters"
     for path in sorted(p for p in tiny_avqa.rglob("*") if p.is_file()):
         storage.upload_file(str(path), storage.join(url, path.relative_to(tiny_avqa).as_posix()))
     predictor = Predictor.load(url, device="cpu")
     assert predictor.task == "avqa" and predictor.vocab == VOCAB and predictor.clips.num_frames == T
+    assert predictor.directory == url and predictor.vocab_source == url + "/vocab.json"
     with pytest.raises(ConfigError, match=r"avpea-adapters/runs/nothing"):
         Predictor.load(s3.make_bucket("avpea-adapters") + "/runs/nothing", device="cpu")
+    assert list(tmp_path.glob("avpea-adapters-*")) == []
 
 
 @pytest.mark.parametrize("task,meta,check", [

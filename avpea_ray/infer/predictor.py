@@ -10,7 +10,10 @@ exactly as it saw a shard sample (JPEG frames, float16 fbank windows included).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,40 +106,51 @@ class Predictor:
             ConfigError: not an adapter directory, weights that do not fit, no vocabulary,
                 no clip settings; each message says what to give instead.
         """
-        directory = _local_copy(str(directory))
-        try:
-            saved = read_adapter_config(directory)
-        except FileNotFoundError:
-            raise ConfigError(f"{directory}: not an adapter directory (no adapter_config.json); give a "
-                              "run's best_adapters/ or a checkpoint_*/best_adapters/ folder") from None
-        except (AdapterMismatchError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{directory}: unreadable adapter_config.json ({err})") from None
-        if saved.get("task") not in TASK_NAMES:
-            # e.g. generative AVQA: its answers are decoded text, which predict does not do yet.
-            raise ConfigError(f"{directory}: adapters for task {saved.get('task')!r}; predict and infer "
-                              f"serve {', '.join(TASK_NAMES)} (score generative AVQA adapters with "
-                              f"jobs/avqa_gen.py's test evaluation)")
-        inputs = _read_inputs(directory, train_shards)
-        device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # A random backbone is what torch's RNG drew right after training seeded it: draw it again.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(inputs.get("seed", 0)))
+        directory = str(directory)
+        directory = storage.local_path(directory) if storage.is_local(directory) else directory
+        # An object-store directory is fetched into a temporary folder that lives only while
+        # loading: everything a predictor uses is in memory once it is built.
+        with _local_copy(directory) as local:
             try:
-                model = load_model(directory, weights=weights)
-            except AdapterMismatchError as err:
-                raise ConfigError(f"{err}; the adapters belong to another model: use the weights and "
-                                  "adapter directory of the same run") from None
-        predictor = cls(directory, saved["task"], model.to(device_).eval(),
-                        ClipSpec.from_json(inputs["clips"]), device_, extra=saved.get("extra", {}))
-        predictor._load_task_files(vocab, inputs)
+                saved = read_adapter_config(local)
+            except FileNotFoundError:
+                raise ConfigError(f"{directory}: not an adapter directory (no adapter_config.json); give a "
+                                  "run's best_adapters/ or a checkpoint_*/best_adapters/ folder") from None
+            except (AdapterMismatchError, json.JSONDecodeError) as err:
+                raise ConfigError(f"{directory}: unreadable adapter_config.json ({err})") from None
+            if saved.get("task") not in TASK_NAMES:
+                # e.g. generative AVQA: its answers are decoded text, which predict does not do yet.
+                raise ConfigError(f"{directory}: adapters for task {saved.get('task')!r}; predict and infer "
+                                  f"serve {', '.join(TASK_NAMES)} (score generative AVQA adapters with "
+                                  f"jobs/avqa_gen.py's test evaluation)")
+            inputs = _read_inputs(local, train_shards)
+            device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            # A random backbone is what torch's RNG drew right after training seeded it: draw it again.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(inputs.get("seed", 0)))
+                try:
+                    model = load_model(local, weights=weights)
+                except AdapterMismatchError as err:
+                    raise ConfigError(f"{err}; the adapters belong to another model: use the weights and "
+                                      "adapter directory of the same run") from None
+            predictor = cls(directory, saved["task"], model.to(device_).eval(),
+                            ClipSpec.from_json(inputs["clips"]), device_, extra=saved.get("extra", {}))
+            predictor._load_task_files(local, vocab, inputs)
         return predictor
 
-    def _load_task_files(self, vocab: str | None, inputs: dict) -> None:
-        folder = Path(self.directory)
+    def _load_task_files(self, local: str, vocab: str | None, inputs: dict) -> None:
+        folder = Path(local)
         if self.task == "avqa":
-            url = vocab or (str(folder / "vocab.json") if (folder / "vocab.json").is_file() else None)
-            if url is None and inputs.get("train"):
-                url = storage.join(inputs["train"], "vocab.json")
+            beside = folder / "vocab.json"
+            # `source` is where the vocabulary is, as the user knows it (not the fetched copy).
+            if vocab:
+                url, source = vocab, vocab
+            elif beside.is_file():
+                url, source = str(beside), storage.join(self.directory, "vocab.json")
+            elif inputs.get("train"):
+                url = source = storage.join(inputs["train"], "vocab.json")
+            else:
+                url = source = None
             try:
                 self.vocab = json.loads(storage.read_bytes(url)) if url else None
             except (FileNotFoundError, OSError, json.JSONDecodeError):
@@ -144,10 +158,10 @@ class Predictor:
             if not self.vocab:
                 raise ConfigError(f"{self.directory}: no vocab.json (adapters saved before it was kept with "
                                   "them): give --vocab PATH, the vocab.json beside the train shards")
-            self.vocab_source = url
+            self.vocab_source = source
             expected = self.model.head_spec["args"].get("vocab_size")
             if expected is not None and expected != len(self.vocab["question_words"]):
-                raise ConfigError(f"--vocab {url}: {len(self.vocab['question_words'])} question words, the "
+                raise ConfigError(f"--vocab {source}: {len(self.vocab['question_words'])} question words, the "
                                   f"adapters were trained with {expected}: give the vocab.json of their train split")
         elif self.task == "avel":
             path = folder / "classes.json"
@@ -341,20 +355,20 @@ def localisation(labels: list[int], class_names: list[str]) -> dict:
     return {"labels": names, "event": class_names[events[0]], "segment": list(best)}
 
 
-def _local_copy(directory: str) -> str:
+@contextlib.contextmanager
+def _local_copy(directory: str) -> Iterator[str]:
     """The adapter directory itself when local; an object-store one (`s3://.../best_adapters`,
-    what actors on a cluster read) fetched once into a temporary folder."""
+    what actors on a cluster read) fetched into a temporary folder, removed on exit."""
     if storage.is_local(directory):
-        return storage.local_path(directory)
-    import tempfile
-
+        yield storage.local_path(directory)
+        return
     fs, path = storage.filesystem(directory)
-    local = tempfile.mkdtemp(prefix="avpea-adapters-")
-    try:
-        fs.get(path.rstrip("/") + "/", local, recursive=True)
-    except (FileNotFoundError, OSError) as err:
-        raise ConfigError(f"{directory}: cannot fetch the adapter directory ({err})") from None
-    return local
+    with tempfile.TemporaryDirectory(prefix="avpea-adapters-") as local:
+        try:
+            fs.get(path.rstrip("/") + "/", local, recursive=True)
+        except (FileNotFoundError, OSError) as err:
+            raise ConfigError(f"{directory}: cannot fetch the adapter directory ({err})") from None
+        yield local
 
 
 def _read_inputs(directory: str, train_shards: str | None) -> dict:
