@@ -206,6 +206,57 @@ def ray_local(s3, tmp_path_factory):
                 os.environ[key] = value
 
 
+@dataclass
+class DamagedRun:
+    """The session's 2-worker AVQA run whose test split lost a shard (`ddp_avqa_run`).
+
+    Args:
+        summary: the job's summary (--summary-json).
+        out: what the job printed.
+        damaged_test: the test split it evaluated, one shard deleted.
+        lost_url, lost_samples: that shard's file name and clips.
+        storage: its run folder's parent (run name "ddp").
+    """
+
+    summary: dict
+    out: str
+    damaged_test: str
+    lost_url: str
+    lost_samples: int
+    storage: Path
+
+
+@pytest.fixture(scope="session")
+def ddp_avqa_run(avqa_shards, tmp_path_factory, ray_local) -> DamagedRun:
+    """One 2-worker DDP run on the session's AVQA shards, its test split with a shard missing
+    (allowed: `data.allow_damaged`), trained once for the tests that need trained adapters
+    (tests/test_train.py checks the run, tests/test_infer.py serves its adapters). Tests using
+    it carry `xdist_group("ddp_avqa_run")`: one test process trains it."""
+    import contextlib
+    import io
+    import json
+    import shutil
+
+    from avpea_ray.cli import run_job
+    from avpea_ray.data.shards import read_index
+    from tests.toy import train_overrides
+
+    storage = tmp_path_factory.mktemp("ddp-run")
+    damaged = storage / "test-damaged"
+    shutil.copytree(avqa_shards["test"], damaged)
+    lost = read_index(str(damaged)).shards[1]
+    (damaged / lost.url).unlink()
+    args = [*train_overrides(avqa_shards | {"test": str(damaged)}, storage,
+                             **{"run.num_workers": 2, "run.name": "ddp", "optim.epochs": 5,
+                                "data.allow_damaged": True}),
+            "--summary-json", str(storage / "summary.json")]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run_job("avqa", "", args) == 0
+    return DamagedRun(json.loads((storage / "summary.json").read_text()), out.getvalue(), str(damaged),
+                      lost.url, lost.samples, storage)
+
+
 @pytest.fixture(scope="session")
 def valor_shards(tmp_path_factory) -> dict[str, str]:
     """A small synthetic VALOR-32K split set (captions describing what is seen and heard),

@@ -325,23 +325,7 @@ def test_infer_refuses_bad_settings_before_ray_starts(tiny_avqa, tmp_path):
         infer(str(tiny_avqa), str(tmp_path / "o"), shards_url=str(other))
 
 
-# -- end to end: one training run for the module, a real local Ray Data pipeline ------------------
-
-@pytest.fixture(scope="module")
-def trained_avqa(avqa_shards, tmp_path_factory, ray_local) -> dict:
-    """The demo-style AVQA run (tiny ViT, the session's synthetic shards), trained once: its
-    summary (test accuracies) and published best adapters."""
-    from avpea_ray.cli import run_job
-    from tests.toy import train_overrides
-
-    storage = tmp_path_factory.mktemp("infer-run")
-    summary = storage / "summary.json"
-    args = train_overrides(avqa_shards, storage, **{"run.name": "infer", "optim.epochs": 3})
-    assert run_job("avqa", "", [*args, "--summary-json", str(summary)]) == 0
-    doc = json.loads(summary.read_text())
-    assert Path(doc["best_adapters"], "inputs.json").is_file() and Path(doc["best_adapters"], "vocab.json").is_file()
-    return doc
-
+# -- end to end: the session's trained DDP run (tests/conftest.py), a real local Ray Data pipeline --
 
 def _read_rows(out: Path, fmt: str) -> list[dict]:
     if fmt == "parquet":
@@ -352,40 +336,48 @@ def _read_rows(out: Path, fmt: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_the_trained_adapters_in_batch_inference_and_predict(trained_avqa, avqa_shards, tmp_path, one_torch_thread):
-    """One training run serves both (a run per parallel test process otherwise)."""
-    _infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avqa, avqa_shards, tmp_path / "infer")
-    _predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trained_avqa, avqa_shards,
+@pytest.mark.xdist_group("ddp_avqa_run")
+def test_the_trained_adapters_in_batch_inference_and_predict(ddp_avqa_run, avqa_shards, tmp_path, one_torch_thread):
+    """One training run serves both, and tests/test_train.py's checks of it."""
+    _infer_over_the_damaged_test_split_reproduces_the_jobs_test_accuracy(ddp_avqa_run, avqa_shards, tmp_path / "infer")
+    _predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(ddp_avqa_run.summary, avqa_shards,
                                                                              tmp_path / "predict")
 
 
-def _infer_over_the_test_split_reproduces_the_jobs_test_accuracy(trained_avqa, avqa_shards, tmp_path):
-    """One row per test question through `map_batches` on the session's Ray cluster, and the
-    accuracy of those rows is the training job's test accuracy, to the last digit."""
+def _infer_over_the_damaged_test_split_reproduces_the_jobs_test_accuracy(run, avqa_shards, tmp_path):
+    """One row per test question through `map_batches` on the session's Ray cluster, over the
+    split the job was tested on (a shard missing): the missing shard is one failed item, and the
+    accuracy of the rows is the job's test accuracy (2 ranks, the same clips), to the last digit."""
+    from avpea_ray.data.reader import shard_samples
     from avpea_ray.data.shards import read_index
     from avpea_ray.infer.batch import InferConfig, avqa_accuracy, infer
 
+    trained = run.summary
     out = tmp_path / "preds"
-    summary = infer(trained_avqa["best_adapters"], str(out), shards_url=avqa_shards["test"],
+    summary = infer(trained["best_adapters"], str(out), shards_url=run.damaged_test,
                     config=InferConfig(batch_size=5, concurrency=1, decode_cpus=0.5))
     rows = _read_rows(out, "parquet")
-    index = read_index(avqa_shards["test"])
-    assert len(rows) == index.extra["num_questions"] == summary["rows"]
+    index = read_index(run.damaged_test)
+    lost = sum(len(json.loads(s["json"])["questions"])
+               for s in shard_samples(str(Path(avqa_shards["test"]) / run.lost_url)))  # the intact copy
+    assert len(rows) == index.extra["num_questions"] - lost == summary["rows"]
     assert len({r["id"] for r in rows}) == len(rows)  # one row per question
+    assert len({r["answer_index"] for r in rows}) > 1  # answers that differ: rows can be told apart
     accuracy = avqa_accuracy(rows)
-    assert accuracy["avg"] == trained_avqa["avg_acc"] and accuracy["overall"] == trained_avqa["overall_acc"]
-    for name, value in trained_avqa["accuracies"].items():
+    assert accuracy["avg"] == trained["avg_acc"] and accuracy["overall"] == trained["overall_acc"]
+    for name, value in trained["accuracies"].items():
         assert accuracy[name] == value, name
-    assert summary["accuracy"]["avg"] == trained_avqa["avg_acc"]
+    assert summary["accuracy"]["avg"] == trained["avg_acc"]
     report = json.loads(Path(summary["report"]).read_text())
-    assert report["failed"] == 0 and report["rows_per_s"] > 0
+    assert report["failed"] == 1 and report["items"][0]["reason"] == "damaged_shard", report["items"]
+    assert run.lost_url in report["items"][0]["detail"] and report["rows_per_s"] > 0
     assert report["ray_data"] == {"batch_size": 5, "concurrency": 1, "num_gpus_per_actor": 0, "num_cpus_per_actor": 1.0}
 
 
-def _predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trained_avqa, avqa_shards, tmp_path):
+def _predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trained, avqa_shards, tmp_path):
     from avpea_ray.data.reader import ShardStream
 
-    predictor = Predictor.load(trained_avqa["best_adapters"], device="cpu")
+    predictor = Predictor.load(trained["best_adapters"], device="cpu")
     video = write_video(tmp_path / "videos" / "duet.mp4", seconds=6)
     first = next(iter(ShardStream(avqa_shards["test"], batch_size=1, training=False, num_workers=0)))
     questions = [q["question"] for q in first["meta"][0]["questions"]]  # questions of the test split

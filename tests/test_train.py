@@ -22,33 +22,25 @@ def _config(shards, storage, **extra):
     return resolve_config(parse_job_args("", _overrides(shards, storage, **extra)), None)[0]
 
 
-def test_two_worker_ddp_learns_tracks_and_counts_a_missing_test_shard(avqa_shards, tmp_path, ray_local, capsys):
+@pytest.mark.xdist_group("ddp_avqa_run")
+def test_two_worker_ddp_learns_tracks_and_counts_a_missing_test_shard(ddp_avqa_run, avqa_shards, tmp_path, capsys):
     """One DDP run serves both checks (each Ray Train start takes a while): it learns and is
-    tracked, and its test split has a shard missing, which stops the job unless allowed, and is
-    then counted."""
-    import shutil
-
+    tracked, and its test split has a shard missing, which stops the job unless allowed (the
+    run allowed it), and is then counted. Its adapters serve tests/test_infer.py too."""
     from mlflow.tracking import MlflowClient
 
     from avpea_ray.cli import run_job
-    from avpea_ray.data.shards import read_index
 
-    damaged = tmp_path / "test-damaged"
-    shutil.copytree(avqa_shards["test"], damaged)
-    lost = read_index(str(damaged)).shards[1]
-    (damaged / lost.url).unlink()
-    args = [*_overrides(avqa_shards | {"test": str(damaged)}, tmp_path,
-                        **{"run.num_workers": 2, "run.name": "ddp", "optim.epochs": 5}),
+    run = ddp_avqa_run
+    # Not allowed: refused before any worker, naming the shard and the flag.
+    args = [*_overrides(avqa_shards | {"test": run.damaged_test}, tmp_path, **{"run.name": "refused"}),
             "--summary-json", str(tmp_path / "summary.json")]
-
-    assert run_job("avqa", "", args) == 2  # refused before any worker, naming the shard
+    assert run_job("avqa", "", args) == 2
     err = capsys.readouterr().err
-    assert "data.test: 1 of 3 shards are missing" in err and lost.url in err and "data.allow_damaged" in err
+    assert "data.test: 1 of 3 shards are missing" in err and run.lost_url in err and "data.allow_damaged" in err
     assert not (tmp_path / "summary.json").exists()
 
-    assert run_job("avqa", "", [*args, "data.allow_damaged=true"]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary, out = run.summary, run.out
     assert summary["majority_acc"] is not None and summary["majority_avg"] is not None
     assert summary["overall_acc"] > summary["majority_acc"] + 15, summary
     assert summary["avg_acc"] > summary["majority_avg"] + 15, summary
@@ -56,30 +48,30 @@ def test_two_worker_ddp_learns_tracks_and_counts_a_missing_test_shard(avqa_shard
     assert summary["avg_acc"] == pytest.approx(sum(groups) / 3)
 
     client = MlflowClient(summary["mlflow_tracking_uri"])
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["model.reduction_factor"] == "8"
-    assert int(run.data.params["params.trainable"]) == summary["parameters"]["trainable"]
+    tracked = client.get_run(summary["mlflow_run_id"])
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.params["model.reduction_factor"] == "8"
+    assert int(tracked.data.params["params.trainable"]) == summary["parameters"]["trainable"]
     for metric in ("train_loss", "lr", "samples_per_s", "data_wait_s", "val_avg", "val_overall",
                    "val_Audio-Counting", "test_avg", "test_overall", "final_avg", "final_overall"):
-        assert metric in run.data.metrics, metric
-    val_avg = [m.value for m in client.get_metric_history(run.info.run_id, "val_avg")]
+        assert metric in tracked.data.metrics, metric
+    val_avg = [m.value for m in client.get_metric_history(tracked.info.run_id, "val_avg")]
     assert len(val_avg) == 5  # one validation per epoch
     # The adapters kept are those of the best validation Avg (the paper's headline metric).
     assert summary["best_val_score"] == pytest.approx(max(val_avg))
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
     assert {"config.json", "summary.json", "accuracy_per_type.png", "adapters"} <= artifacts
     # The best adapters with what `predict` needs besides them: clip settings and the vocabulary.
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "adapters")} == {
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id, "adapters")} == {
         "adapters/adapter_config.json", "adapters/adapter_model.safetensors", "adapters/inputs.json",
         "adapters/vocab.json"}
     assert Path(summary["checkpoint"], "adapter_model.safetensors").exists()
 
-    assert summary["data_damage"]["test_samples_lost"] == lost.samples
+    assert summary["data_damage"]["test_samples_lost"] == run.lost_samples
     assert summary["data_damage"]["test_damaged_shards"] == 1
     assert summary["data_damage"]["train_samples_lost"] == 0
-    assert f"test_samples_lost {lost.samples}" in out  # the printed table says so
-    assert run.data.metrics["test_samples_lost"] == lost.samples
+    assert f"test_samples_lost {run.lost_samples}" in out  # the printed table says so
+    assert tracked.data.metrics["test_samples_lost"] == run.lost_samples
 
 
 def test_killed_worker_resumes_mid_epoch_without_repeating_or_skipping(avqa_shards, tmp_path, ray_local):
