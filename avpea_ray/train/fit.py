@@ -130,17 +130,18 @@ def build_trainer(checked: Preflight, *, run_id: str | None, name: str | None = 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .loop import train_loop_per_worker
+    from .entry import train_loop_config, train_loop_per_worker
 
     cfg = checked.cfg
     return TorchTrainer(
         train_loop_per_worker,
         # The task class travels with the run: a task registered in the driver (a user's own
         # module, a test) needs no import in the workers.
-        train_loop_config={"config": to_dict(cfg), "task": get_task(cfg.task), "dry_run": dry_run,
-                           "mlflow": {"uri": checked.tracking_uri, "run_id": run_id},
-                           # A bar redrawn in place is for a person at a terminal, not a log file.
-                           "progress": cfg.run.progress and sys.stdout.isatty()},
+        train_loop_config=train_loop_config(
+            to_dict(cfg), get_task(cfg.task), dry_run=dry_run,
+            mlflow={"uri": checked.tracking_uri, "run_id": run_id},
+            # A bar redrawn in place is for a person at a terminal, not a log file.
+            progress=cfg.run.progress and sys.stdout.isatty()),
         scaling_config=ScalingConfig(num_workers=cfg.run.scaling_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(
