@@ -240,28 +240,61 @@ def test_heads_save_and_load(tmp_path, task):
 
 # -- the gather behind contrastive negatives ---------------------------------------------------
 
-def _gather_worker(rank: int, port: int, queue) -> None:
-    import torch.distributed as dist
-
+def _gather_on_this_rank(rank: int) -> tuple:
     from avpea_ray.tasks.distributed import gather_objects, gather_with_local_grad
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
     local = torch.full((rank + 1, 2), float(rank + 1), requires_grad=True)  # sizes 1 and 2
     gathered = gather_with_local_grad(local)
     (gathered * torch.arange(1.0, 4.0)[:, None]).sum().backward()
-    queue.put((rank, gathered.detach().tolist(), local.grad.tolist(), gather_objects(f"r{rank}")))
-    dist.destroy_process_group()
+    return gathered.detach().tolist(), local.grad.tolist(), gather_objects(f"r{rank}")
+
+
+def _two_rank_worker(rank: int, port: int, queue) -> None:
+    """One of two gloo ranks: what each two-rank test checks, computed in one spawn (a fresh
+    interpreter per rank is the expensive part)."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=120))
+        gather = _gather_on_this_rank(rank)
+        # Uneven halves, in batches, in another order than the single-process run.
+        parts = [["v9", "v2", "v4"], ["v0"]] if rank == 0 else [["v7", "v1"], ["v3", "v8", "v5", "v6"]]
+        queue.put((rank, {"gather": gather, "retrieval": _evaluate_retrieval(parts)}))
+        dist.destroy_process_group()
+    except BaseException:  # the test shows why, instead of waiting for a result that never comes
+        queue.put((rank, {"error": traceback.format_exc()}))
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> dict[int, dict]:
+    """Two spawned gloo ranks run `_two_rank_worker`; their results by rank."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    workers = [ctx.Process(target=_two_rank_worker, args=(r, port, queue)) for r in range(2)]
+    for w in workers:
+        w.start()
+    results = {}
+    try:
+        while len(results) < len(workers):
+            rank, result = queue.get(timeout=300)
+            assert "error" not in result, f"rank {rank}: {result['error']}"
+            results[rank] = result
+    finally:
+        for w in workers:
+            w.join(timeout=60)
+            if w.is_alive():  # its peer failed: it waits for a rank that never comes
+                w.kill()
+    return results
 
 
 @pytest.mark.slow  # two spawned gloo ranks
-def test_gather_with_local_grad_across_two_ranks():
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    workers = [ctx.Process(target=_gather_worker, args=(r, port, queue)) for r in range(2)]
-    for w in workers:
-        w.start()
-    results = dict((r, rest) for r, *rest in (queue.get(timeout=300) for _ in workers))
-    for w in workers:
-        w.join(timeout=60)
+@pytest.mark.xdist_group("two_ranks")
+def test_gather_with_local_grad_across_two_ranks(two_ranks):
+    results = {rank: two_ranks[rank]["gather"] for rank in range(2)}
     for rank in range(2):
         gathered, grad, objects = results[rank]
         assert gathered == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]  # rank 0's row, then rank 1's two
@@ -300,26 +333,10 @@ def _evaluate_retrieval(parts: list[list[str]]) -> dict[str, float]:
     return evaluator.compute(torch.device("cpu"))
 
 
-def _retrieval_worker(rank: int, port: int, queue) -> None:
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    # Uneven halves, in batches, in another order than the single-process run.
-    parts = [["v9", "v2", "v4"], ["v0"]] if rank == 0 else [["v7", "v1"], ["v3", "v8", "v5", "v6"]]
-    queue.put((rank, _evaluate_retrieval(parts)))
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow  # two spawned gloo ranks
-def test_retrieval_over_a_test_set_split_across_two_ranks_equals_one_process():
+@pytest.mark.xdist_group("two_ranks")
+def test_retrieval_over_a_test_set_split_across_two_ranks_equals_one_process(two_ranks):
     expected = _evaluate_retrieval([VIDEOS[:4], VIDEOS[4:]])
     assert expected["num_videos"] == 10 and expected["num_captions"] == 20
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    workers = [ctx.Process(target=_retrieval_worker, args=(r, port, queue)) for r in range(2)]
-    for w in workers:
-        w.start()
-    results = dict(queue.get(timeout=300) for _ in workers)
-    for w in workers:
-        w.join(timeout=60)
     for rank in range(2):
-        assert results[rank] == pytest.approx(expected)
+        assert two_ranks[rank]["retrieval"] == pytest.approx(expected)
