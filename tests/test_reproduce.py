@@ -156,6 +156,7 @@ def test_demo_reproduction_end_to_end_then_a_rerun_runs_nothing(tiny_avqa_shards
         ("table2_avqa_b16", "final"), ("table2_avqa_b16", "grounding")]
     qa = next(c for c in children if c.data.tags["avpea.stage"] == "final" and c.data.tags["avpea.row"] == "table2_avqa_b16")
     assert qa.data.params["model.init_from"].endswith("repro-demo-table2_avqa_b16-s0-grounding/best_adapters")
+    _assert_qa_started_from_the_grounding_stage(children, qa, tiny_avqa_shards, tmp_path)
     assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "paper_tables")} == {
         "paper_tables/paper_tables.json", "paper_tables/paper_tables.md", "paper_tables/paper_tables.png"}
@@ -177,6 +178,33 @@ def test_demo_reproduction_end_to_end_then_a_rerun_runs_nothing(tiny_avqa_shards
     (folder / "paper_tables.json").unlink()
     assert run_reproduce_job("", [*argv, "--tables-only"], configs=ROOT / "configs") == 0
     assert json.loads((folder / "paper_tables.json").read_text())["rows"] == tables["rows"]
+
+
+def _assert_qa_started_from_the_grounding_stage(children, qa, shards, tmp_path) -> None:
+    """AVST's recipe: the grounding stage is the match task alone, scored on match accuracy,
+    its best adapters published at a stable path; the QA stage's workers start from them
+    (every saved tensor; the QA modules fresh: tests/test_tasks.py checks the values); a QA
+    stage of another width is refused before any worker."""
+    from safetensors.torch import load_file
+
+    from avpea_ray.cli import parse_job_args, resolve_config
+    from avpea_ray.model.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+    from avpea_ray.train.preflight import preflight
+    from tests.toy import train_overrides
+
+    grounding = next(c for c in children if c.data.tags["avpea.stage"] == "grounding")
+    assert {k for k in grounding.data.metrics if k.startswith("final_")} == {"final_match_acc"}
+    assert "val_match_acc" in grounding.data.metrics and "val_avg" not in grounding.data.metrics
+    best = Path(qa.data.params["model.init_from"])
+    assert (best / CONFIG_NAME).is_file()
+    assert qa.data.tags["avpea.init_from"] == str(best)
+    assert int(qa.data.tags["avpea.init_from.tensors"]) == len(load_file(str(best / WEIGHTS_NAME)))
+    assert qa.data.tags["avpea.init_from.fresh"] == (
+        "answer_classifier, audio_temporal, fusion, question_encoder, visual_temporal")
+
+    wider = train_overrides(shards, tmp_path, **{"model.init_from": str(best), "head.hidden": 64})
+    with pytest.raises(ConfigError, match="model.init_from: .* does not fit this model: head.hidden: saved 32, model 64"):
+        preflight(resolve_config(parse_job_args("", wider), None)[0])
 
 
 def _finished_record(trial, avg: float) -> dict:

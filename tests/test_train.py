@@ -1,6 +1,6 @@
 """Training on Ray end to end: DDP learns and is tracked, a killed worker resumes exactly, AVE
 on object storage, and bad input refused before any worker starts. (A real `mlflow server`
-and a killed driver: tests/test_resume.py.)"""
+and a killed driver: tests/test_resume.py; AVST's two stages: tests/test_reproduce.py.)"""
 from __future__ import annotations
 
 import json
@@ -157,51 +157,3 @@ def test_avel_job_on_object_storage_reports_per_class(tmp_path, ray_local, s3):
     assert set(summary["accuracies"]) <= set(categories) | {"background"}
     run = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
     assert "val_accuracy" in run.data.metrics and "val_background" in run.data.metrics
-
-
-def test_avst_two_stages_grounding_then_qa_initialised_from_it(avqa_shards, tmp_path, ray_local):
-    """AVST's recipe through the real stack: the grounding stage (the match task alone, scored
-    on match accuracy, its best adapters published at a stable path), then the QA stage started
-    from them by `model.init_from`."""
-    from mlflow.tracking import MlflowClient
-
-    from avpea_ray.cli import run_job
-    import torch
-    from safetensors.torch import load_file
-
-    from avpea_ray.model.adapter_io import CONFIG_NAME, WEIGHTS_NAME
-
-    summary_json = tmp_path / "summary.json"
-    grounding = [*_overrides(avqa_shards, tmp_path, **{"head.stage": "grounding", "optim.epochs": 2,
-                                                         "run.num_workers": 1}),
-                 "--summary-json", str(summary_json)]
-    assert run_job("avqa", "", grounding) == 0
-    stage1 = json.loads(summary_json.read_text())
-    assert stage1["run_name"].startswith("avqa-grounding-") and stage1["primary_metric"] == "match_acc"
-    assert set(stage1["metrics"]) == {"match_acc"} and 0 <= stage1["metrics"]["match_acc"] <= 100
-    history = MlflowClient(stage1["mlflow_tracking_uri"]).get_metric_history(stage1["mlflow_run_id"], "val_match_acc")
-    assert stage1["best_val_score"] == max(m.value for m in history)  # selected on match accuracy
-    best = Path(stage1["best_adapters"])
-    assert best == tmp_path / stage1["run_name"] / "best_adapters" and (best / CONFIG_NAME).is_file()
-
-    # The QA stage with a learning rate too small to move anything (Adam's steps are ~lr): its
-    # best adapters are then what it started from, which shows what the workers loaded.
-    qa = [*_overrides(avqa_shards, tmp_path, **{"model.init_from": str(best), "run.num_workers": 1,
-                                                "optim.epochs": 1, "optim.lr": 1e-12}),
-          "--summary-json", str(summary_json)]
-    assert run_job("avqa", "", qa) == 0
-    stage2 = json.loads(summary_json.read_text())
-    assert stage2["primary_metric"] == "avg" and "avg" in stage2["metrics"]
-    grounded, started = load_file(str(best / WEIGHTS_NAME)), load_file(stage2["best_adapters"] + "/" + WEIGHTS_NAME)
-    assert any(k.startswith("trunk.") for k in grounded) and any(k.startswith("head.match") for k in grounded)
-    buffers = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's move with every batch
-    for name, tensor in grounded.items():
-        if not name.endswith(buffers):
-            torch.testing.assert_close(started[name], tensor, atol=1e-6, rtol=0)
-    assert {k.split(".")[1] for k in set(started) - set(grounded)} == {
-        "question_encoder", "audio_temporal", "visual_temporal", "fusion", "answer_classifier"}
-
-    # A QA stage of another width cannot start from these weights: refused before any worker.
-    with pytest.raises(ConfigError, match="model.init_from: .* does not fit this model: head.hidden: saved 64, model 32"):
-        preflight(_config(avqa_shards, tmp_path, **{"model.init_from": str(best), "head.hidden": 32}))
-

@@ -60,12 +60,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     task = make_task(cfg, train_index)
     adapter_files = task.adapter_files() | {"inputs.json": inputs_json(cfg, train_index)}
     model = build_model(cfg.model, cfg.task, task.head_args()).to(device)
+    init_tags = {}  # where the starting weights came from, for the MLflow run
     if cfg.model.init_from:  # a resume then restores its own checkpoint over it
         loaded, fresh = initialise_from(model, *read_adapter_source(cfg.model.init_from), cfg.model.init_from)
+        modules = ", ".join(sorted({n.split(".")[1] if n.startswith("head.") else "adapters" for n in fresh}))
         if rank == 0:
-            modules = sorted({name.split(".")[1] if name.startswith("head.") else "adapters" for name in fresh})
-            _log(rank, f"model.init_from: {len(loaded)} tensors from {cfg.model.init_from}; "
-                       f"fresh: {', '.join(modules) or 'none'}")
+            _log(rank, f"model.init_from: {len(loaded)} tensors from {cfg.model.init_from}; fresh: {modules or 'none'}")
+        init_tags = {"avpea.init_from": cfg.model.init_from, "avpea.init_from.tensors": len(loaded),
+                     "avpea.init_from.fresh": modules or "none"}
     if cfg.run.compile:
         model.compile_trunk()
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
@@ -106,6 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logger = MetricLogger(loop_config["mlflow"]["uri"], loop_config["mlflow"]["run_id"],
                           enabled=rank == 0 and not dry_run)
+    logger.set_tags(init_tags)
     monitor = None  # one per node: its first rank samples the machine
     if context.get_local_rank() == 0 and loop_config["mlflow"]["run_id"] and cfg.run.system_metrics_every_s \
             and not dry_run:

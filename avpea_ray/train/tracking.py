@@ -141,6 +141,11 @@ class MetricLogger:
         if batch:
             self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
     def flush(self) -> None:
         """Wait until everything logged so far is in the tracking store."""
         for operation in self.pending:
