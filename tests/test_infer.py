@@ -390,6 +390,7 @@ def _predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trai
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp_avqa_run")  # Ray Data's cluster-wide actors started once, not per process
 def test_infer_on_videos_reports_bad_items_and_processes_the_rest(tiny_avqa, tmp_path, ray_local, s3):
     """Videos as an archive has them, some unusable; the output and the report go to object
     storage (the session's S3 server)."""
