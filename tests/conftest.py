@@ -223,38 +223,43 @@ class DamagedRun:
     damaged_test: str
     lost_url: str
     lost_samples: int
-    storage: Path
+    storage: str
 
 
 @pytest.fixture(scope="session")
 def ddp_avqa_run(avqa_shards, tmp_path_factory, ray_local) -> DamagedRun:
-    """One 2-worker DDP run on the session's AVQA shards, its test split with a shard missing
-    (allowed: `data.allow_damaged`), trained once for the tests that need trained adapters
-    (tests/test_train.py checks the run, tests/test_infer.py serves its adapters). Tests using
-    it carry `xdist_group("ddp_avqa_run")`: one test process trains it."""
-    import contextlib
-    import io
-    import json
-    import shutil
+    """One 2-worker DDP run on the session's AVQA shards (trained by whichever test process
+    asks first), its test split with a shard missing (allowed: `data.allow_damaged`), for the
+    tests that need trained adapters (tests/test_train.py checks the run, tests/test_infer.py
+    serves its adapters)."""
+    def build(storage: Path) -> dict:
+        import contextlib
+        import io
+        import json
+        import shutil
 
-    from avpea_ray.cli import run_job
-    from avpea_ray.data.shards import read_index
-    from tests.toy import train_overrides
+        from avpea_ray.cli import run_job
+        from avpea_ray.data.shards import read_index
+        from tests.toy import train_overrides
 
-    storage = tmp_path_factory.mktemp("ddp-run")
-    damaged = storage / "test-damaged"
-    shutil.copytree(avqa_shards["test"], damaged)
-    lost = read_index(str(damaged)).shards[1]
-    (damaged / lost.url).unlink()
-    args = [*train_overrides(avqa_shards | {"test": str(damaged)}, storage,
-                             **{"run.num_workers": 2, "run.name": "ddp", "optim.epochs": 5,
-                                "data.allow_damaged": True}),
-            "--summary-json", str(storage / "summary.json")]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert run_job("avqa", "", args) == 0
-    return DamagedRun(json.loads((storage / "summary.json").read_text()), out.getvalue(), str(damaged),
-                      lost.url, lost.samples, storage)
+        damaged = storage / "test-damaged"
+        shutil.copytree(avqa_shards["test"], damaged)
+        lost = read_index(str(damaged)).shards[1]
+        (damaged / lost.url).unlink()
+        args = [*train_overrides(avqa_shards | {"test": str(damaged)}, storage,
+                                 **{"run.num_workers": 2, "run.name": "ddp", "optim.epochs": 5,
+                                    "data.allow_damaged": True}),
+                "--summary-json", str(storage / "summary.json")]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert run_job("avqa", "", args) == 0
+        return {"summary": json.loads((storage / "summary.json").read_text()), "out": out.getvalue(),
+                "damaged_test": str(damaged), "lost_url": lost.url, "lost_samples": lost.samples,
+                "storage": str(storage)}
+
+    from tests.toy import once_per_session
+
+    return DamagedRun(**once_per_session(tmp_path_factory, "ddp-avqa-run", build))
 
 
 @pytest.fixture(scope="session")

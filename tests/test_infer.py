@@ -336,7 +336,6 @@ def _read_rows(out: Path, fmt: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ddp_avqa_run")
 def test_the_trained_adapters_in_batch_inference_and_predict(ddp_avqa_run, avqa_shards, tmp_path, one_torch_thread):
     """One training run serves both, and tests/test_train.py's checks of it."""
     _infer_over_the_damaged_test_split_reproduces_the_jobs_test_accuracy(ddp_avqa_run, avqa_shards, tmp_path / "infer")
@@ -390,7 +389,6 @@ def _predict_with_the_trained_adapters_equals_the_model_on_the_shard_sample(trai
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ddp_avqa_run")  # Ray Data's cluster-wide actors started once, not per process
 def test_infer_on_videos_reports_bad_items_and_processes_the_rest(tiny_avqa, tmp_path, ray_local, s3):
     """Videos as an archive has them, some unusable; the output and the report go to object
     storage (the session's S3 server)."""

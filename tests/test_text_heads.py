@@ -269,32 +269,37 @@ def _two_rank_worker(rank: int, port: int, queue) -> None:
         queue.put((rank, {"error": traceback.format_exc()}))
 
 
-@pytest.fixture(scope="module")
-def two_ranks() -> dict[int, dict]:
-    """Two spawned gloo ranks run `_two_rank_worker`; their results by rank."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    workers = [ctx.Process(target=_two_rank_worker, args=(r, port, queue)) for r in range(2)]
-    for w in workers:
-        w.start()
-    results = {}
-    try:
-        while len(results) < len(workers):
-            rank, result = queue.get(timeout=300)
-            assert "error" not in result, f"rank {rank}: {result['error']}"
-            results[rank] = result
-    finally:
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> dict[str, dict]:
+    """Two spawned gloo ranks run `_two_rank_worker` (once a session); their results by rank
+    ("0", "1")."""
+    from tests.toy import once_per_session
+
+    def spawn(_folder) -> dict[str, dict]:
+        ctx = mp.get_context("spawn")
+        queue, port = ctx.Queue(), free_port()
+        workers = [ctx.Process(target=_two_rank_worker, args=(r, port, queue)) for r in range(2)]
         for w in workers:
-            w.join(timeout=60)
-            if w.is_alive():  # its peer failed: it waits for a rank that never comes
-                w.kill()
-    return results
+            w.start()
+        results = {}
+        try:
+            while len(results) < len(workers):
+                rank, result = queue.get(timeout=300)
+                assert "error" not in result, f"rank {rank}: {result['error']}"
+                results[str(rank)] = result
+        finally:
+            for w in workers:
+                w.join(timeout=60)
+                if w.is_alive():  # its peer failed: it waits for a rank that never comes
+                    w.kill()
+        return results
+
+    return once_per_session(tmp_path_factory, "two-gloo-ranks", spawn)
 
 
 @pytest.mark.slow  # two spawned gloo ranks
-@pytest.mark.xdist_group("two_ranks")
 def test_gather_with_local_grad_across_two_ranks(two_ranks):
-    results = {rank: two_ranks[rank]["gather"] for rank in range(2)}
+    results = {rank: two_ranks[str(rank)]["gather"] for rank in range(2)}
     for rank in range(2):
         gathered, grad, objects = results[rank]
         assert gathered == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]  # rank 0's row, then rank 1's two
@@ -334,9 +339,8 @@ def _evaluate_retrieval(parts: list[list[str]]) -> dict[str, float]:
 
 
 @pytest.mark.slow  # two spawned gloo ranks
-@pytest.mark.xdist_group("two_ranks")
 def test_retrieval_over_a_test_set_split_across_two_ranks_equals_one_process(two_ranks):
     expected = _evaluate_retrieval([VIDEOS[:4], VIDEOS[4:]])
     assert expected["num_videos"] == 10 and expected["num_captions"] == 20
     for rank in range(2):
-        assert two_ranks[rank]["retrieval"] == pytest.approx(expected)
+        assert two_ranks[str(rank)]["retrieval"] == pytest.approx(expected)

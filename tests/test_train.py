@@ -22,7 +22,6 @@ def _config(shards, storage, **extra):
     return resolve_config(parse_job_args("", _overrides(shards, storage, **extra)), None)[0]
 
 
-@pytest.mark.xdist_group("ddp_avqa_run")
 def test_two_worker_ddp_learns_tracks_and_counts_a_missing_test_shard(ddp_avqa_run, avqa_shards, tmp_path, capsys):
     """One DDP run serves both checks (each Ray Train start takes a while): it learns and is
     tracked, and its test split has a shard missing, which stops the job unless allowed (the

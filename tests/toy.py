@@ -129,3 +129,23 @@ def mlflow_server(folder: Path, args: list[str] | None = None, port: int | None 
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def once_per_session(tmp_path_factory, name: str, build) -> dict:
+    """`build(folder)`'s result (a JSON-able dict), computed once for the whole session: with
+    parallel test processes, the first to ask builds it under a file lock in the session's
+    shared temporary folder and the others read it (xdist_group cannot be relied on to put the
+    tests that share it in one process: with pytest 9.2 it silently groups nothing,
+    https://github.com/pytest-dev/pytest-xdist/issues/1386)."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent
+    result = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not result.is_file():
+            folder = shared / name
+            folder.mkdir()
+            result.write_text(json.dumps(build(folder)))
+    return json.loads(result.read_text())
