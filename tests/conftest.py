@@ -214,8 +214,8 @@ class DamagedRun:
         summary: the job's summary (--summary-json).
         out: what the job printed.
         damaged_test: the test split it evaluated, one shard deleted.
-        lost_url, lost_samples: that shard's file name and clips.
-        storage: its run folder's parent (run name "ddp").
+        lost_url, lost_samples, lost_questions: that shard's file name, clips and questions
+            (another test process's shards name their files differently).
     """
 
     summary: dict
@@ -223,7 +223,7 @@ class DamagedRun:
     damaged_test: str
     lost_url: str
     lost_samples: int
-    storage: str
+    lost_questions: int
 
 
 @pytest.fixture(scope="session")
@@ -239,12 +239,14 @@ def ddp_avqa_run(avqa_shards, tmp_path_factory, ray_local) -> DamagedRun:
         import shutil
 
         from avpea_ray.cli import run_job
+        from avpea_ray.data.reader import shard_samples
         from avpea_ray.data.shards import read_index
         from tests.toy import train_overrides
 
         damaged = storage / "test-damaged"
         shutil.copytree(avqa_shards["test"], damaged)
         lost = read_index(str(damaged)).shards[1]
+        lost_questions = sum(len(json.loads(s["json"])["questions"]) for s in shard_samples(str(damaged / lost.url)))
         (damaged / lost.url).unlink()
         args = [*train_overrides(avqa_shards | {"test": str(damaged)}, storage,
                                  **{"run.num_workers": 2, "run.name": "ddp", "optim.epochs": 5,
@@ -255,7 +257,7 @@ def ddp_avqa_run(avqa_shards, tmp_path_factory, ray_local) -> DamagedRun:
             assert run_job("avqa", "", args) == 0
         return {"summary": json.loads((storage / "summary.json").read_text()), "out": out.getvalue(),
                 "damaged_test": str(damaged), "lost_url": lost.url, "lost_samples": lost.samples,
-                "storage": str(storage)}
+                "lost_questions": lost_questions}
 
     from tests.toy import once_per_session
 
