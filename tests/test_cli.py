@@ -1,5 +1,6 @@
 """`avpea-ray`: one command line for training, sweeps, sharding, validation and parameter
-counts, each with --help that shows a real example; `avpea-ray train --dry-run` on the demo."""
+counts, each with --help that shows a real example; `train --task` runs that task's demo. (The
+demo's dry run end to end, as submitted to a cluster: tests/test_job_submit.py.)"""
 from __future__ import annotations
 
 import subprocess

@@ -2,7 +2,7 @@
 
 Ray Train's controller unpickles the train function and its config, though it never runs
 them: pickled by reference, they would make it import torch's compiler stack, timm and the
-model (~2 CPU-seconds of every run's start). Here the task class travels as bytes and the
+model (~1 CPU-second of every run's start). Here the task class travels as bytes and the
 loop is imported by the workers, when they start it.
 """
 from __future__ import annotations

@@ -143,8 +143,7 @@ class MetricLogger:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
-            for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, str(value))
+            _set_tags(self.client, self.run_id, tags)
 
     def flush(self) -> None:
         """Wait until everything logged so far is in the tracking store."""
@@ -203,7 +202,10 @@ def finish_run(uri: str, run_id: str, artifacts: list[tuple[str, str | None]],
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     """Tags on a run: a resume's allowed config changes, a sweep trial's identity (params
     cannot change once logged, tags can)."""
-    client = _client(uri)
+    _set_tags(_client(uri), run_id, tags)
+
+
+def _set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value)[:5000])
 
